@@ -1,0 +1,238 @@
+"""Differentiable and exactly sparse top-k operators (Sander et al., ICML 2023).
+
+Notation (DESIGN.md §2): x in R^N along `axis` (any leading shape), 1 <= k <= N,
+l = `regularization` > 0, p > 1, q = p / (p - 1), r = q - 1 = 1 / (p - 1).
+
+* `topk_mask(x, k)`: y = argmax_{y in [0,1]^N, Σy = k} <x, y> - (l/p) Σ y_i^p,
+  that is y_i = clip(((x_i - τ)/l)_+^r, 0, 1) with one threshold τ per row.
+* `topk_magnitude(x, k)`: the paper's regularised top-k in magnitude. With
+  s = |x| and γ >= 0 the value of the one isotonic block that straddles
+  position k (DESIGN.md §2), entry i is
+      sign(x_i) s_i                              if s_i >= γ + l γ^(p-1),
+      sign(x_i) (((s_i - γ)/l)^r + s_i - γ)      if γ < s_i < γ + l γ^(p-1),
+      0                                          if s_i <= γ;
+  for p = 2 the middle piece is sign(x)(1 + l)(s - γ)/l. γ solves
+  Σ_i min(1, ((s_i - γ)_+ / l)^r / γ) = k, a monotone scalar equation.
+
+Both outputs are exactly zero outside a support and converge to the hard
+operators as l -> 0. Only the scalar (τ or γ) has a custom JVP, from the
+implicit function theorem: with g_i = (r/l)((z_i - t)/l)^(r-1) on the partial
+set (0 elsewhere),
+    dτ = Σ g dx / Σ g,                 J_mask = diag(g) - g gᵀ / Σ g,
+    dγ = Σ g ds / (Σ g + k - |capped|).
+The operator outputs are plain compositions of the scalar, so forward mode,
+reverse mode and higher-order derivatives come out of autodiff, all O(N) per
+row; no N x N matrix is ever formed.
+
+Rows that contain NaN or ±inf give NaN in that row only. bfloat16 and float16
+inputs are computed in float32 and returned in their own dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moe.ops import _checks
+from moe.ops import dykstra as dykstra_lib
+from moe.ops import threshold as threshold_lib
+
+SOLVERS = ("exact", "dykstra")
+
+
+def compute_dtype(dtype):
+  """float32 for half-precision inputs, the input dtype otherwise."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def along_last_axis(fn, x, axis: int):
+  """Applies `fn` ([..., N] -> [..., N]) along `axis` in the compute dtype.
+
+  Args:
+    fn: function of a [..., N] array in float32 or float64.
+    x: input array of any shape.
+    axis: the axis of length N.
+
+  Returns:
+    fn's output moved back to `axis`, in x's dtype.
+  """
+  axis = _checks.check_axis(axis, x.ndim)
+  moved = jnp.moveaxis(x, axis, -1).astype(compute_dtype(x.dtype))
+  return jnp.moveaxis(fn(moved), -1, axis).astype(x.dtype)
+
+
+def _partial_set(z, t, regularization: float, p: float, magnitude: bool):
+  d = z - t
+  capped = d >= threshold_lib.cap_width(t, regularization, p, magnitude)
+  return d, capped, (d > 0) & ~capped
+
+
+def _partial_power(d, partial, regularization: float, power: float):
+  """((d / l)^power) on the partial set, 0 elsewhere."""
+  return threshold_lib._safe_pow(d / regularization, power, partial)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _threshold(z, k, regularization, p, magnitude):
+  return threshold_lib.solve_threshold(
+      jax.lax.stop_gradient(z), k, regularization, p, magnitude)
+
+
+@_threshold.defjvp
+def _threshold_jvp(k, regularization, p, magnitude, primals, tangents):
+  (z,), (dz,) = primals, tangents
+  t = _threshold(z, k, regularization, p, magnitude)
+  r = threshold_lib.exponent(p)
+  d, capped, partial = _partial_set(z, t, regularization, p, magnitude)
+  g = (r / regularization) * _partial_power(d, partial, regularization, r - 1.0)
+  denom = jnp.sum(g, axis=-1, keepdims=True)
+  if magnitude:
+    num_capped = jnp.sum(capped.astype(z.dtype), axis=-1, keepdims=True)
+    denom = denom + (k - num_capped)
+  dt = jnp.sum(g * dz, axis=-1, keepdims=True) / jnp.where(denom > 0, denom, 1.0)
+  return t, jnp.where(denom > 0, dt, 0.0)
+
+
+def _mask_last_axis(z, k, regularization, p):
+  if k == z.shape[-1]:
+    return jnp.ones_like(z)
+  tau = _threshold(z, k, regularization, p, False)
+  r = threshold_lib.exponent(p)
+  d, capped, partial = _partial_set(z, tau, regularization, p, False)
+  y = jnp.where(capped, 1.0, _partial_power(d, partial, regularization, r))
+  return jnp.where(jnp.isnan(tau), jnp.nan, y)
+
+
+def _magnitude_last_axis(z, k, regularization, p):
+  s = jnp.abs(z)
+  gamma = _threshold(s, k, regularization, p, True)
+  r = threshold_lib.exponent(p)
+  d, capped, partial = _partial_set(s, gamma, regularization, p, True)
+  block = _partial_power(d, partial, regularization, r) + jnp.where(partial, d, 0.0)
+  value = jnp.where(capped, s, block)
+  return jnp.where(jnp.isnan(gamma), jnp.nan, jnp.sign(z) * value)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _soft_topk(x, k, regularization, p, axis, solver, num_iter, magnitude):
+  """Both soft operators behind one jit, so eager calls reuse compilations."""
+  if solver == "dykstra":
+    impl = (dykstra_lib.topk_magnitude_dykstra if magnitude
+            else dykstra_lib.topk_mask_dykstra)
+    fn = lambda z: impl(z, k, regularization, num_iter)
+  else:
+    impl = _magnitude_last_axis if magnitude else _mask_last_axis
+    fn = lambda z: impl(z, k, regularization, p)
+  return along_last_axis(fn, x, axis)
+
+
+def _check_common(x, k, axis, regularization, p, solver, num_iter):
+  x = _checks.check_floating(x)
+  axis = _checks.check_axis(axis, x.ndim)
+  k = _checks.check_k(k, x.shape[axis])
+  regularization = _checks.check_positive(regularization, "regularization")
+  p = _checks.check_p(p)
+  _checks.check_choice(solver, "solver", SOLVERS)
+  if solver == "dykstra" and p != 2.0:
+    raise ValueError(f"solver='dykstra' supports p=2 only, got p={p}; use "
+                     "solver='exact' for other p.")
+  _checks.check_positive_int(num_iter, "num_iter")
+  return x, k, axis, regularization, p
+
+
+def topk_mask(x, k, *, regularization=0.1, p=4 / 3, axis=-1, solver="exact",
+              num_iter=100):
+  """Soft top-k mask: differentiable, exactly sparse, sums to k.
+
+  Args:
+    x: [..., N, ...] floating array; the top-k runs along `axis`.
+    k: Python int in 1..N (static).
+    regularization: l > 0; smaller is closer to the hard mask.
+    p: exponent of the p-norm regulariser, p > 1. p = 2 is piecewise linear;
+      p = 4/3 is continuously differentiable.
+    axis: the axis to select along.
+    solver: "exact" (threshold root-find, exact to float tolerance for every
+      p) or "dykstra" (the paper's Dykstra projection, p = 2 only).
+    num_iter: Dykstra iterations (solver="dykstra" only).
+
+  Returns:
+    y: same shape and dtype as x, values in [0, 1], Σ_axis y = k, exactly 0
+    outside the support.
+
+  Raises:
+    ValueError: k outside 1..N, regularization <= 0, p <= 1, non-floating x,
+      unknown solver, or dykstra with p != 2.
+  """
+  x, k, axis, regularization, p = _check_common(
+      x, k, axis, regularization, p, solver, num_iter)
+  return _soft_topk(x, k, regularization, p, axis, solver, num_iter, False)
+
+
+def topk_magnitude(x, k, *, regularization=0.1, p=4 / 3, axis=-1,
+                   solver="exact", num_iter=100):
+  """Soft top-k in magnitude: keeps (softly) the k entries of largest |x|.
+
+  Args:
+    x: [..., N, ...] floating array; the top-k runs along `axis`.
+    k: Python int in 1..N (static).
+    regularization: l > 0; smaller is closer to the hard operator.
+    p: exponent of the p-norm regulariser, p > 1.
+    axis: the axis to select along.
+    solver: "exact" or "dykstra" (p = 2 only).
+    num_iter: Dykstra iterations (solver="dykstra" only).
+
+  Returns:
+    Same shape and dtype as x: x on the entries of clearly largest magnitude,
+    0 on the small ones (exactly), a smooth shrinkage in between (see the
+    module docstring).
+
+  Raises:
+    ValueError: as `topk_mask`.
+  """
+  x, k, axis, regularization, p = _check_common(
+      x, k, axis, regularization, p, solver, num_iter)
+  return _soft_topk(x, k, regularization, p, axis, solver, num_iter, True)
+
+
+def _hard_mask_last_axis(z, k):
+  _, indices = jax.lax.top_k(z, k)  # Ties: the lower index comes first.
+  mask = jnp.put_along_axis(jnp.zeros_like(z), indices, 1.0, axis=-1,
+                            inplace=False)
+  return jax.lax.stop_gradient(mask)
+
+
+def hard_topk_mask(x, k, *, axis=-1):
+  """Hard top-k mask: exactly k ones per row, ties to the lower index.
+
+  Args:
+    x: [..., N, ...] floating array.
+    k: Python int in 1..N.
+    axis: the axis to select along.
+
+  Returns:
+    Same shape and dtype as x, with exactly k ones along `axis`; zero gradient.
+  """
+  x = _checks.check_floating(x)
+  axis = _checks.check_axis(axis, x.ndim)
+  k = _checks.check_k(k, x.shape[axis])
+  return along_last_axis(lambda z: _hard_mask_last_axis(z, k), x, axis)
+
+
+def hard_topk_magnitude(x, k, *, axis=-1):
+  """Hard top-k in magnitude: x on its k entries of largest |x|, 0 elsewhere.
+
+  Args:
+    x: [..., N, ...] floating array.
+    k: Python int in 1..N.
+    axis: the axis to select along.
+
+  Returns:
+    x times the hard mask of |x| (exactly k kept entries per row, ties to the
+    lower index). Its derivative is the mask itself (the mask is constant).
+  """
+  x = _checks.check_floating(x)
+  axis = _checks.check_axis(axis, x.ndim)
+  k = _checks.check_k(k, x.shape[axis])
+  return along_last_axis(lambda z: z * _hard_mask_last_axis(jnp.abs(z), k), x,
+                         axis)

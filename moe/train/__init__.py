@@ -1,0 +1,1 @@
+"""Training infrastructure: optimizers, sharding, checkpoints, metrics."""

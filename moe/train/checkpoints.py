@@ -1,0 +1,326 @@
+"""Checkpoints of the train state and the data iterator, with orbax.
+
+One format: an orbax `CheckpointManager` directory, `WORKDIR/checkpoints`,
+with one sub-directory per saved step:
+
+  WORKDIR/checkpoints/<step>/state/     the train state (any pytree of jax
+                                        Arrays: params, optimizer state,
+                                        step, rng), orbax StandardSave.
+  WORKDIR/checkpoints/<step>/data/process_<i>.json
+                                        the data iterator state of process i
+                                        (a JSON-able dict).
+
+Orbax writes a step to a temporary directory and renames it when every
+process has finished, so a step directory is complete or absent. Every
+process calls `save` and `restore` (arrays are written cooperatively, each
+process its own shards); each process writes and reads only its own
+iterator-state file, so a job must be resumed with the same number of
+processes.
+
+Typical use in a trainer:
+
+  ckpt = Checkpointer.from_config(workdir, config.checkpoint)
+  restored = ckpt.restore_latest(abstract_state)   # None on a fresh start
+  ...
+  ckpt.save(step, state, data_state, force=step == total_steps)
+  ckpt.close()
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, NamedTuple
+
+from absl import logging
+from etils import epath
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+from orbax.checkpoint.checkpoint_managers import save_decision_policy
+
+from moe.train import config_fields
+
+CHECKPOINT_SUBDIR = "checkpoints"
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+BEST_MODES = ("max", "min")
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpointing, `config.checkpoint`.
+
+  Attributes:
+    every_steps: save when the step is a multiple of this, when
+      `save(..., force=True)` is called (e.g. at the end), and at the
+      preemption sync point of a multi-process job (jax's preemption
+      notice service).
+    keep: number of most recent checkpoints kept.
+    best_metric: also keep the checkpoint with the best value of this metric
+      among those saved with metrics (e.g. 'eval_accuracy'); None: only the
+      most recent ones.
+    best_mode: 'max' or 'min', whether a larger `best_metric` is better.
+    asynchronous: write in a background thread while training goes on.
+  """
+  every_steps: int = 1000
+  keep: int = 3
+  best_metric: str | None = None
+  best_mode: str = "max"
+  asynchronous: bool = True
+
+  def __post_init__(self):
+    config_fields.check_int(self.every_steps, "config.checkpoint.every_steps",
+                            1)
+    config_fields.check_int(self.keep, "config.checkpoint.keep", 1)
+    config_fields.check_choice(self.best_mode, "config.checkpoint.best_mode",
+                               BEST_MODES)
+
+
+class Restored(NamedTuple):
+  """A restored checkpoint.
+
+  Attributes:
+    step: the step it was saved at.
+    state: the train state, with the structure and shardings of the target.
+    data_state: this process's data iterator state.
+  """
+  step: int
+  state: PyTree
+  data_state: dict[str, Any]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint path that is missing, empty or unreadable."""
+
+
+class Checkpointer:
+  """Saves and restores train states in one checkpoint directory.
+
+  Attributes:
+    directory: the checkpoint directory (WORKDIR/checkpoints).
+    config: the `CheckpointConfig`.
+  """
+
+  def __init__(self, directory: os.PathLike | str,
+               config: CheckpointConfig = CheckpointConfig(),
+               read_only: bool = False):
+    """Opens (or creates, unless `read_only`) the checkpoint directory."""
+    self.directory = epath.Path(directory)
+    self.config = config
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            DATA_ITEM: _process_json_handler(),
+        },
+        options=ocp.CheckpointManagerOptions(
+            save_decision_policy=save_decision_policy.AnySavePolicy([
+                save_decision_policy.FixedIntervalPolicy(config.every_steps),
+                save_decision_policy.PreemptionCheckpointingPolicy(),
+            ]),
+            preservation_policy=_preservation_policy(config),
+            enable_async_checkpointing=config.asynchronous,
+            create=not read_only,
+            read_only=read_only,
+        ))
+
+  @classmethod
+  def from_config(cls, workdir: os.PathLike | str,
+                  config: Any = None) -> "Checkpointer":
+    """Opens WORKDIR/checkpoints with `config.checkpoint` (ConfigDict/dict)."""
+    if not isinstance(config, CheckpointConfig):
+      config = config_fields.parse_section(CheckpointConfig, config,
+                                           "config.checkpoint")
+    return cls(epath.Path(workdir) / CHECKPOINT_SUBDIR, config)
+
+  def all_steps(self) -> list[int]:
+    """Returns the saved steps, ascending (pending async saves excluded)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Returns the most recent saved step, or None."""
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` would write a checkpoint (without `force`)."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: PyTree,
+           data_state: Mapping[str, Any] | None = None, *,
+           metrics: Mapping[str, float] | None = None,
+           force: bool = False) -> bool:
+    """Saves a checkpoint if `step` is due (or `force`); every process calls it.
+
+    Args:
+      step: the train step.
+      state: the train state, a pytree of jax Arrays.
+      data_state: this process's data iterator state, a JSON-able dict.
+      metrics: scalars (Python or numpy numbers, or fully addressable jax
+        scalars) ranking this checkpoint for `best_metric`; they must contain
+        it when given.
+      force: save even if `step` is not a multiple of `every_steps`.
+
+    Returns:
+      Whether a save was started (it may still be running; see
+      `wait_until_finished`).
+    """
+    best_metric = self.config.best_metric
+    if metrics is not None and best_metric and best_metric not in metrics:
+      raise ValueError(
+          f"config.checkpoint.best_metric={best_metric!r} is missing from the "
+          f"metrics given to save(): {sorted(metrics)}.")
+    args = ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+    })
+    if metrics is not None:
+      metrics = {name: float(value) for name, value in metrics.items()}
+    return self._manager.save(step, args=args, force=force, metrics=metrics)
+
+  def restore(self, step: int, abstract_state: PyTree,
+              with_data_state: bool = True) -> Restored:
+    """Restores the checkpoint of `step`.
+
+    Args:
+      step: a saved step.
+      abstract_state: the target structure: a tree of jax.ShapeDtypeStruct
+        with shardings (see `partitioning.abstract_arrays`), or of arrays
+        whose shapes, dtypes and shardings are used.
+      with_data_state: also read this process's data iterator state; False
+        (e.g. to initialise a fine-tuning run) returns an empty dict.
+
+    Returns:
+      The `Restored` checkpoint.
+
+    Raises:
+      CheckpointError: if the step is not saved or cannot be read.
+    """
+    if step not in self.all_steps():
+      raise CheckpointError(
+          f"no checkpoint of step {step} in {self.directory}; saved steps: "
+          f"{self.all_steps()}.")
+    items = {STATE_ITEM: ocp.args.StandardRestore(_abstract(abstract_state))}
+    if with_data_state:
+      items[DATA_ITEM] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax and tensorstore raise many error types.
+      raise CheckpointError(
+          f"cannot restore the checkpoint {self.directory / str(step)}: "
+          f"{type(e).__name__}: {e}") from e
+    data_state = dict(restored[DATA_ITEM]) if with_data_state else {}
+    return Restored(step, restored[STATE_ITEM], data_state)
+
+  def restore_latest(self, abstract_state: PyTree,
+                     with_data_state: bool = True) -> Restored | None:
+    """Restores the most recent readable checkpoint, or returns None if none.
+
+    A checkpoint that cannot be read (truncated, corrupted) is skipped with a
+    warning and the previous one is tried. In a multi-process job the
+    checkpoint directory must be shared storage, so that every process sees
+    the same failures and falls back to the same step.
+
+    Args:
+      abstract_state: the target structure, as in `restore`.
+      with_data_state: as in `restore`.
+
+    Returns:
+      The `Restored` checkpoint, or None if the directory holds no step.
+
+    Raises:
+      CheckpointError: if steps exist but none of them can be read.
+    """
+    errors = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, abstract_state, with_data_state)
+      except CheckpointError as e:
+        logging.warning("Skipping unreadable checkpoint: %s", e)
+        errors.append(str(e))
+    if errors:
+      raise CheckpointError(
+          f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
+    return None
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending asynchronous saves are written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def restore_checkpoint(path: os.PathLike | str, abstract_state: PyTree,
+                       with_data_state: bool = True) -> Restored:
+  """Restores a checkpoint from a workdir, a checkpoint dir or a step dir.
+
+  Args:
+    path: a run's WORKDIR, its WORKDIR/checkpoints (both: the latest readable
+      step), or one step directory WORKDIR/checkpoints/<step>.
+    abstract_state: the target structure, as in `Checkpointer.restore`.
+    with_data_state: as in `Checkpointer.restore`.
+
+  Returns:
+    The `Restored` checkpoint.
+
+  Raises:
+    CheckpointError: if `path` does not exist or holds no readable checkpoint.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise CheckpointError(f"checkpoint path {path} does not exist.")
+  if (path / STATE_ITEM).exists() and path.name.isdigit():
+    checkpointer = Checkpointer(path.parent, read_only=True)
+    with checkpointer:
+      return checkpointer.restore(int(path.name), abstract_state,
+                                  with_data_state)
+  if (path / CHECKPOINT_SUBDIR).is_dir():
+    path = path / CHECKPOINT_SUBDIR
+  with Checkpointer(path, read_only=True) as checkpointer:
+    restored = checkpointer.restore_latest(abstract_state, with_data_state)
+  if restored is None:
+    raise CheckpointError(
+        f"{path} holds no checkpoint: expected a workdir, its "
+        f"'{CHECKPOINT_SUBDIR}' directory or a step directory inside it.")
+  return restored
+
+
+def _process_json_handler() -> ocp.JsonCheckpointHandler:
+  """Returns a JSON handler where every process writes its own file."""
+  return ocp.JsonCheckpointHandler(
+      filename=f"process_{jax.process_index()}.json",
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=None))
+
+
+def _preservation_policy(
+    config: CheckpointConfig) -> preservation_policy.PreservationPolicy:
+  """Keeps the last `keep` checkpoints, plus the best one if configured."""
+  latest = preservation_policy.LatestN(n=config.keep)
+  if config.best_metric is None:
+    return latest
+  best = preservation_policy.BestN(
+      get_metric_fn=lambda metrics: metrics[config.best_metric],
+      reverse=config.best_mode == "min",
+      n=1,
+      keep_checkpoints_without_metrics=False)
+  return preservation_policy.AnyPreservationPolicy([latest, best])
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """Returns ShapeDtypeStructs (with shardings) for arrays; keeps the others."""
+  def to_abstract(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(to_abstract, tree)
