@@ -54,8 +54,11 @@ def _magnitude_operators(k: int):
   }
 
 
-def _with_backward(fn, w):
-  return jax.grad(lambda x: jnp.vdot(w, fn(x)))
+def _with_backward(fn, x):
+  """x -> gradient of <w, fn(x)> for a fixed random w of fn's output shape."""
+  out = jax.eval_shape(fn, x)
+  w = jax.random.normal(jax.random.key(2), out.shape, out.dtype)
+  return jax.grad(lambda z: jnp.vdot(w, fn(z)))
 
 
 def time_ms(fn, x, repeats: int, max_seconds: float):
@@ -98,10 +101,9 @@ def run(quick: bool, repeats: int, max_seconds: float):
             for n in prune_sizes]
   for shape_name, shape, _, operators in cases:
     x = jax.random.normal(key, shape, jnp.float32)
-    w = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
     for name, fn in operators.items():
       fwd = jax.jit(fn)
-      bwd = jax.jit(_with_backward(fn, w))
+      bwd = jax.jit(_with_backward(fn, x))
       f_ms, f_mark = time_ms(fwd, x, repeats, max_seconds)
       b_ms, b_mark = time_ms(bwd, x, repeats, max_seconds)
       rows.append((shape_name, name, _cell(f_ms, f_mark), _cell(b_ms, b_mark)))

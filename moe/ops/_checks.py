@@ -75,3 +75,14 @@ def check_positive_int(value, name: str) -> int:
   if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a Python int >= 1, got {value!r}.")
   return int(value)
+
+
+def check_selection(x, k, axis) -> tuple:
+  """Validates (x, k, axis) of a top-k along `axis`.
+
+  Returns:
+    (x as an array, k as an int in 1..N, axis normalised to 0..ndim-1).
+  """
+  x = check_floating(x)
+  axis = check_axis(axis, x.ndim)
+  return x, check_k(k, x.shape[axis]), axis

@@ -36,17 +36,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe.ops._checks import check_axis
-from moe.ops._checks import check_floating
-from moe.ops._checks import check_k
 from moe.ops._checks import check_positive
 from moe.ops._checks import check_positive_int
+from moe.ops._checks import check_selection
+from moe.ops.topk import along_last_axis
+from moe.ops.topk import hard_mask_last_axis
+from moe.ops.topk import scatter_last_axis
 
 __all__ = [
     "entropic_topk",
@@ -71,78 +71,6 @@ def _check_key(key, name: str = "key"):
   return key
 
 
-def _check_topk_args(x, k, axis) -> tuple[jnp.ndarray, int, int]:
-  """Validates the arguments shared by every operator.
-
-  Args:
-    x: the scores, any leading shape, floating dtype.
-    k: the number of entries to keep, a Python int in 1..n.
-    axis: the axis of size n along which the top-k runs.
-
-  Returns:
-    `(x, k, axis)` with `x` an array and `axis` normalised to 0..ndim-1.
-  """
-  x = check_floating(x)
-  axis = check_axis(axis, x.ndim)
-  k = check_k(k, x.shape[axis])
-  return x, k, axis
-
-
-def _along_last_axis(fn: Callable[[jnp.ndarray], jnp.ndarray], x: jnp.ndarray,
-                     axis: int) -> jnp.ndarray:
-  """Applies a last-axis operator along `axis`, in the compute dtype.
-
-  Args:
-    fn: maps a [..., n] array in the compute dtype to a [..., n] array.
-    x: [..., n, ...] input with the top-k axis at `axis`.
-    axis: the axis of `x` that `fn` runs along.
-
-  Returns:
-    `fn` applied along `axis`, same shape and dtype as `x`. The compute dtype
-    is float32 for bfloat16/float16 inputs and the input dtype otherwise.
-  """
-  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  x_last = jnp.moveaxis(x, axis, -1).astype(compute_dtype)
-  out_last = fn(x_last)
-  return jnp.moveaxis(out_last.astype(x.dtype), -1, axis)
-
-
-def _scatter_last(values: jnp.ndarray, indices: jnp.ndarray,
-                  n: int) -> jnp.ndarray:
-  """Places `values` at `indices` along a last axis of size n, zeros elsewhere.
-
-  Args:
-    values: [..., k] values to place; differentiable.
-    indices: [..., k] distinct integer positions in 0..n-1.
-    n: the size of the output's last axis.
-
-  Returns:
-    [..., n] array, `values` at `indices` and zeros elsewhere.
-  """
-  k = values.shape[-1]
-  flat_values = values.reshape(-1, k)
-  flat_indices = indices.reshape(-1, k)
-  rows = jnp.arange(flat_values.shape[0])[:, None]
-  flat_out = jnp.zeros((flat_values.shape[0], n), values.dtype)
-  flat_out = flat_out.at[rows, flat_indices].set(flat_values)
-  return flat_out.reshape(*values.shape[:-1], n)
-
-
-def _hard_topk_mask(scores: jnp.ndarray, k: int) -> jnp.ndarray:
-  """The k-hot mask of the k largest scores, ties broken by lower index.
-
-  Args:
-    scores: [..., n] scores.
-    k: the number of ones per row.
-
-  Returns:
-    [..., n] mask in the dtype of `scores`, ones at the top-k positions.
-  """
-  _, indices = lax.top_k(scores, k)
-  ones = jnp.ones(indices.shape, scores.dtype)
-  return _scatter_last(ones, indices, scores.shape[-1])
-
-
 # softmax_topk
 
 
@@ -158,7 +86,7 @@ def _softmax_topk_last(logits: jnp.ndarray, k: int,
   else:
     log_normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     kept = jnp.exp(kept_logits - log_normalizer)
-  return _scatter_last(kept, indices, logits.shape[-1])
+  return scatter_last_axis(kept, indices, logits.shape[-1])
 
 
 def softmax_topk(x, k: int, *, axis: int = -1,
@@ -183,10 +111,10 @@ def softmax_topk(x, k: int, *, axis: int = -1,
   Raises:
     ValueError: if an argument is invalid; the message names it.
   """
-  x, k, axis = _check_topk_args(x, k, axis)
+  x, k, axis = check_selection(x, k, axis)
   renormalize = _check_bool(renormalize, "renormalize")
   fn = functools.partial(_softmax_topk_last, k=k, renormalize=renormalize)
-  return _along_last_axis(fn, x, axis)
+  return along_last_axis(fn, x, axis)
 
 
 # gumbel_topk
@@ -231,7 +159,7 @@ def _gumbel_topk_last(logits: jnp.ndarray, k: int, key, temperature: float,
   relaxed = _relaxed_topk_last(logits, k, temperature)
   if not hard:
     return relaxed
-  hard_mask = _hard_topk_mask(lax.stop_gradient(logits), k)
+  hard_mask = hard_mask_last_axis(lax.stop_gradient(logits), k)
   # Forward: hard_mask + 0 exactly. Backward: the gradient of `relaxed`.
   return hard_mask + (relaxed - lax.stop_gradient(relaxed))
 
@@ -270,12 +198,12 @@ def gumbel_topk(x, k: int, *, key, temperature: float = 1.0, axis: int = -1,
   Raises:
     ValueError: if an argument is invalid; the message names it.
   """
-  x, k, axis = _check_topk_args(x, k, axis)
+  x, k, axis = check_selection(x, k, axis)
   temperature = check_positive(temperature, "temperature")
   hard = _check_bool(hard, "hard")
   fn = functools.partial(_gumbel_topk_last, k=k, key=key,
                          temperature=temperature, hard=hard)
-  return _along_last_axis(fn, x, axis)
+  return along_last_axis(fn, x, axis)
 
 
 # entropic_topk
@@ -358,12 +286,12 @@ def entropic_topk(x, k: int, *, regularization: float = 0.1,
   Raises:
     ValueError: if an argument is invalid; the message names it.
   """
-  x, k, axis = _check_topk_args(x, k, axis)
+  x, k, axis = check_selection(x, k, axis)
   regularization = check_positive(regularization, "regularization")
   num_iter = check_positive_int(num_iter, "num_iter")
   fn = functools.partial(_entropic_topk_last, k=k,
                          regularization=regularization, num_iter=num_iter)
-  return _along_last_axis(fn, x, axis)
+  return along_last_axis(fn, x, axis)
 
 
 # perturbed_topk
@@ -383,7 +311,7 @@ def _perturbed_mean_mask(scores: jnp.ndarray, noise: jnp.ndarray, k: int,
   Returns:
     [..., n] mean over s of hardtopk(scores + sigma Z_s).
   """
-  masks = _hard_topk_mask(scores + sigma * noise, k)
+  masks = hard_mask_last_axis(scores + sigma * noise, k)
   return jnp.mean(masks, axis=0)
 
 
@@ -397,7 +325,7 @@ def _perturbed_mean_mask_jvp(k, sigma, primals, tangents):
   """
   scores, noise = primals
   scores_dot, _ = tangents
-  masks = _hard_topk_mask(scores + sigma * noise, k)  # [S, ..., n]
+  masks = hard_mask_last_axis(scores + sigma * noise, k)  # [S, ..., n]
   projections = jnp.sum(noise * scores_dot, axis=-1, keepdims=True)
   out = jnp.mean(masks, axis=0)
   out_dot = jnp.mean(masks * projections, axis=0) / sigma
@@ -439,10 +367,10 @@ def perturbed_topk(x, k: int, *, key, num_samples: int = 100,
   Raises:
     ValueError: if an argument is invalid; the message names it.
   """
-  x, k, axis = _check_topk_args(x, k, axis)
+  x, k, axis = check_selection(x, k, axis)
   key = _check_key(key)
   num_samples = check_positive_int(num_samples, "num_samples")
   sigma = check_positive(sigma, "sigma")
   fn = functools.partial(_perturbed_topk_last, k=k, key=key,
                          num_samples=num_samples, sigma=sigma)
-  return _along_last_axis(fn, x, axis)
+  return along_last_axis(fn, x, axis)

@@ -72,7 +72,6 @@ def _pav_decreasing(y, w):
 
 def _project_pairs(v, w, offset: int):
   """Projects onto {v_j >= v_j+1 for j = offset, offset + 2, ...} (W-norm)."""
-  n = v.shape[-1]
   body_v, body_w = v[..., offset:], w[..., offset:]
   m = body_v.shape[-1]
   if m < 2:

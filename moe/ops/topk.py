@@ -195,11 +195,17 @@ def topk_magnitude(x, k, *, regularization=0.1, p=4 / 3, axis=-1,
   return _soft_topk(x, k, regularization, p, axis, solver, num_iter, True)
 
 
-def _hard_mask_last_axis(z, k):
+def scatter_last_axis(values, indices, n: int):
+  """[..., n] zeros with `values` [..., k] placed at `indices` [..., k]."""
+  zeros = jnp.zeros((*values.shape[:-1], n), values.dtype)
+  return jnp.put_along_axis(zeros, indices, values, axis=-1, inplace=False)
+
+
+def hard_mask_last_axis(z, k: int):
+  """[..., N] k-hot mask of the k largest entries (ties to the lower index)."""
   _, indices = jax.lax.top_k(z, k)  # Ties: the lower index comes first.
-  mask = jnp.put_along_axis(jnp.zeros_like(z), indices, 1.0, axis=-1,
-                            inplace=False)
-  return jax.lax.stop_gradient(mask)
+  ones = jnp.ones(indices.shape, z.dtype)
+  return jax.lax.stop_gradient(scatter_last_axis(ones, indices, z.shape[-1]))
 
 
 def hard_topk_mask(x, k, *, axis=-1):
@@ -213,10 +219,8 @@ def hard_topk_mask(x, k, *, axis=-1):
   Returns:
     Same shape and dtype as x, with exactly k ones along `axis`; zero gradient.
   """
-  x = _checks.check_floating(x)
-  axis = _checks.check_axis(axis, x.ndim)
-  k = _checks.check_k(k, x.shape[axis])
-  return along_last_axis(lambda z: _hard_mask_last_axis(z, k), x, axis)
+  x, k, axis = _checks.check_selection(x, k, axis)
+  return along_last_axis(lambda z: hard_mask_last_axis(z, k), x, axis)
 
 
 def hard_topk_magnitude(x, k, *, axis=-1):
@@ -231,8 +235,6 @@ def hard_topk_magnitude(x, k, *, axis=-1):
     x times the hard mask of |x| (exactly k kept entries per row, ties to the
     lower index). Its derivative is the mask itself (the mask is constant).
   """
-  x = _checks.check_floating(x)
-  axis = _checks.check_axis(axis, x.ndim)
-  k = _checks.check_k(k, x.shape[axis])
-  return along_last_axis(lambda z: z * _hard_mask_last_axis(jnp.abs(z), k), x,
+  x, k, axis = _checks.check_selection(x, k, axis)
+  return along_last_axis(lambda z: z * hard_mask_last_axis(jnp.abs(z), k), x,
                          axis)
