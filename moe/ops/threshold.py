@@ -80,7 +80,11 @@ def _safe_pow(d, power: float, where):
 def _stats(z, t, k: int, regularization: float, p: float, magnitude: bool):
   r = exponent(p)
   d = z - t
-  capped = d >= cap_width(t, regularization, p, magnitude)
+  # Entries within a few ulps of the cap count as partial: the iterates sit
+  # on such a breakpoint (the initial x_(k) - l), and the root lies in the
+  # segment beyond it, where they are partial. F changes by O(eps).
+  width = cap_width(t, regularization, p, magnitude)
+  capped = d >= width * (1.0 + 16.0 * jnp.finfo(z.dtype).eps)
   partial = (d > 0) & ~capped
   db = jnp.where(partial, d, 0.0)
   total = functools.partial(jnp.sum, axis=-1, keepdims=True)

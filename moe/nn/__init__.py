@@ -1,0 +1,50 @@
+"""Mixture-of-experts layers, routers and models (ViT / V-MoE).
+
+Modules: `blocks` (MLP, position embedding), `transformer` (encoder blocks
+with dense or MoE MLPs), `dispatch` (routing tables, einsum and index
+dispatchers), `routers`, `moe_layer` (experts and the MoE MLP block), `vit`,
+`models` (build a model from `config.model`).
+"""
+from moe.nn.blocks import MlpBlock
+from moe.nn.blocks import PositionEmbedding
+from moe.nn.dispatch import EinsumDispatcher
+from moe.nn.dispatch import IndexDispatcher
+from moe.nn.dispatch import Routing
+from moe.nn.models import build_model
+from moe.nn.moe_layer import Experts
+from moe.nn.moe_layer import MoeMlpBlock
+from moe.nn.routers import compute_capacity
+from moe.nn.routers import create_router
+from moe.nn.routers import get_router
+from moe.nn.routers import NoisyTopExpertsPerItem
+from moe.nn.routers import ROUTERS
+from moe.nn.routers import SparseTopK
+from moe.nn.routers import TopItemsPerExpert
+from moe.nn.transformer import Encoder
+from moe.nn.transformer import EncoderBlock
+from moe.nn.transformer import moe_layer_indices
+from moe.nn.vit import create_model
+from moe.nn.vit import VisionTransformer
+
+__all__ = [
+    "build_model",
+    "compute_capacity",
+    "create_model",
+    "create_router",
+    "EinsumDispatcher",
+    "Encoder",
+    "EncoderBlock",
+    "Experts",
+    "get_router",
+    "IndexDispatcher",
+    "MlpBlock",
+    "moe_layer_indices",
+    "MoeMlpBlock",
+    "NoisyTopExpertsPerItem",
+    "PositionEmbedding",
+    "ROUTERS",
+    "Routing",
+    "SparseTopK",
+    "TopItemsPerExpert",
+    "VisionTransformer",
+]

@@ -1,0 +1,199 @@
+"""Vision Transformer (ViT) and V-MoE, built from `config.model`.
+
+Shapes: B batch, (h, w) image size, L tokens, D width, H MLP hidden width.
+
+Parameter names follow the public ViT checkpoints, so that fine-tuning maps
+`.npz` files onto them:
+
+  embedding/{kernel [ph, pw, channels, D], bias [D]}
+  cls                            [1, 1, D]   (classifier "token" only)
+  Transformer/...                see `moe.nn.transformer`
+  pre_logits/{kernel, bias}      (only with a representation_size)
+  head/{kernel [D, classes], bias [classes]}
+
+A V-MoE is the same model where `encoder.moe` replaces the MLP of some
+blocks by a `moe.nn.moe_layer.MoeMlpBlock`.
+
+Config (`config.model`, a dict or `ml_collections.ConfigDict`):
+
+  name: "vit" (the key in `moe.nn.models`; ignored here).
+  variant: optional "<size>/<patch>", e.g. "S/16", "B/32", "tiny/4"; sizes
+    are the keys of `VARIANTS`. It sets hidden_size, patch_size and
+    encoder.{num_layers, mlp_dim, num_heads}; fields given explicitly win.
+  num_classes: number of classes.
+  patch_size: int or (ph, pw).
+  hidden_size: D.
+  classifier: "token" (class token) or "gap" (global average pooling).
+  representation_size: None, or the width of a tanh pre-logits layer.
+  head_zeroinit: zero-initialise the head kernel.
+  encoder: attributes of `moe.nn.transformer.Encoder`: num_layers, mlp_dim,
+    num_heads, dropout_rate, attention_dropout_rate, stochastic_depth, and
+    moe (None for a dense ViT), itself with
+      layers: tuple of block indices, or "every_2", "last_2" (any N).
+      num_experts: E.
+      num_selected_experts: K.
+      group_size: S tokens per group (None: one image's tokens).
+      dispatcher: "einsum" or "index".
+      dtype: expert computation dtype, e.g. "bfloat16".
+      router: name ("NoisyTopExpertsPerItem", "TopItemsPerExpert",
+        "SparseTopK") and that router's attributes (capacity_factor,
+        eval_capacity_factor, min_capacity, noise_std, ...), see
+        `moe.nn.routers`.
+
+The model is called as `model.apply(variables, images, train=...)` with
+images `[B, h, w, channels]` and returns `(logits [B, num_classes],
+metrics)`; `metrics["auxiliary_loss"]` sums the MoE layers' auxiliary losses
+(the trainer weights it). At train time it needs the rngs "dropout" and,
+with noisy routers, "gating".
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe.nn import config_util
+from moe.nn import moe_layer
+from moe.nn import transformer
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+# name: (hidden_size D, num_layers, mlp_dim H, num_heads). "mu" and "tiny"
+# are for tests and laptops.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "tiny": (32, 2, 64, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+CLASSIFIERS = ("token", "gap")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """Returns the config fields of a variant name such as "S/16".
+
+  Args:
+    variant: "<size>/<patch size>", size a key of `VARIANTS`.
+
+  Returns:
+    `{"hidden_size", "patch_size", "encoder": {"num_layers", "mlp_dim",
+    "num_heads"}}`.
+  """
+  match = re.fullmatch(r"([A-Za-z]+)/([1-9][0-9]*)", str(variant))
+  if match is None or match.group(1) not in VARIANTS:
+    raise ValueError(f"variant must be '<size>/<patch size>' with size one of "
+                     f"{list(VARIANTS)} (e.g. 'S/16', 'B/32'), got "
+                     f"{variant!r}.")
+  width, depth, mlp_dim, num_heads = VARIANTS[match.group(1)]
+  patch = int(match.group(2))
+  return dict(hidden_size=width, patch_size=(patch, patch),
+              encoder=dict(num_layers=depth, mlp_dim=mlp_dim,
+                           num_heads=num_heads))
+
+
+class VisionTransformer(nn.Module):
+  """ViT, or V-MoE when `encoder["moe"]` is set.
+
+  Attributes:
+    num_classes: number of output classes.
+    patch_size: (ph, pw), or an int for square patches.
+    hidden_size: D.
+    encoder: attributes of `moe.nn.transformer.Encoder`.
+    classifier: "token" or "gap".
+    representation_size: width of a tanh pre-logits layer, or None.
+    head_zeroinit: zero-initialise the head kernel (the ViT recipe).
+  """
+  num_classes: int
+  patch_size: Union[int, Sequence[int]]
+  hidden_size: int
+  encoder: Mapping[str, Any]
+  classifier: str = "token"
+  representation_size: Optional[int] = None
+  head_zeroinit: bool = True
+
+  def __post_init__(self):
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got "
+                       f"{self.classifier!r}.")
+    if not isinstance(self.num_classes, int) or self.num_classes < 1:
+      raise ValueError(f"num_classes must be an int >= 1, got "
+                       f"{self.num_classes!r}.")
+    super().__post_init__()
+
+  @property
+  def patch_shape(self) -> tuple[int, int]:
+    if isinstance(self.patch_size, int):
+      return (self.patch_size, self.patch_size)
+    return tuple(self.patch_size)
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False
+               ) -> tuple[Array, Metrics]:
+    """Classifies images.
+
+    Args:
+      images: `[B, h, w, channels]`; h and w multiples of the patch size.
+      train: whether dropout, drop path and router noise are active.
+
+    Returns:
+      `[B, num_classes]` logits and the encoder metrics (see
+      `moe.nn.transformer.Encoder`).
+    """
+    if images.ndim != 4:
+      raise ValueError(f"images must have shape [B, h, w, channels], got "
+                       f"shape {images.shape}.")
+    patch = self.patch_shape
+    if images.shape[1] % patch[0] or images.shape[2] % patch[1]:
+      raise ValueError(f"patch_size {patch} must divide the image size "
+                       f"{images.shape[1:3]}.")
+    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID",
+                name="embedding")(images)
+    x = x.reshape(x.shape[0], -1, self.hidden_size)
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+      x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
+
+    x, metrics = transformer.Encoder(name="Transformer", **self.encoder)(
+        x, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+    head_init = (nn.initializers.zeros if self.head_zeroinit
+                 else nn.initializers.lecun_normal())
+    logits = nn.Dense(self.num_classes, kernel_init=head_init, name="head")(x)
+    return logits, metrics
+
+
+def create_model(config: Any = None, **overrides) -> VisionTransformer:
+  """Builds a ViT / V-MoE from `config.model` (see the module docstring).
+
+  Args:
+    config: a dict or `ml_collections.ConfigDict`, or None.
+    **overrides: top-level fields that replace those of `config`.
+
+  Returns:
+    The unbound `VisionTransformer`.
+  """
+  fields = {**config_util.to_dict(config), **overrides}
+  fields.pop("name", None)
+  variant = fields.pop("variant", None)
+  if variant is not None:
+    defaults = decode_variant(variant)
+    encoder = {**defaults.pop("encoder"), **fields.get("encoder", {})}
+    fields = {**defaults, **fields, "encoder": encoder}
+  config_util.check_fields(VisionTransformer, fields, "model")
+  encoder = dict(fields.get("encoder", {}))
+  config_util.check_fields(transformer.Encoder, encoder, "model.encoder")
+  if encoder.get("moe") is not None:
+    moe = {k: v for k, v in encoder["moe"].items() if k != "layers"}
+    config_util.check_fields(moe_layer.MoeMlpBlock, moe, "model.encoder.moe",
+                             exclude=("mlp_dim", "dropout_rate"))
+  return VisionTransformer(**fields)
