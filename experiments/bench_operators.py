@@ -17,14 +17,14 @@ accounting of the compiled forward+backward (arguments + outputs + temporaries).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from moe import ops
 from moe.ops import baselines
+
+from timing import time_ms
 
 
 # Memory the baselines need grows with k * n (Gumbel: k successive softmaxes)
@@ -73,24 +73,6 @@ def _with_backward(fn, x):
   out = jax.eval_shape(fn, x)
   w = jax.random.normal(jax.random.key(2), out.shape, out.dtype)
   return jax.grad(lambda z: jnp.vdot(w, fn(z)))
-
-
-def time_ms(fn, x, repeats: int, max_seconds: float):
-  """Median ms of fn(x) after compilation; (value, marker)."""
-  jax.block_until_ready(fn(x))  # Compile.
-  start = time.perf_counter()
-  jax.block_until_ready(fn(x))
-  once = time.perf_counter() - start
-  if once > 4 * max_seconds:
-    return None, "-"
-  if once > max_seconds:
-    return 1e3 * once, "*"
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times), ""
 
 
 def peak_bytes(fn, x) -> int:

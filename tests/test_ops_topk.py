@@ -67,6 +67,17 @@ def test_magnitude_p2_closed_form_on_block():
   np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
+def test_magnitude_exact_zeros_next_to_a_flat_stretch():
+  # Regression: a residual tolerance used to stop γ just below a flat stretch
+  # of F, leaving 0.009 where the exact output is 0.
+  x = jnp.array([3.0, 1.0, 2.16, 3.16])
+  out = np.asarray(ops.topk_magnitude(x, 2, regularization=0.6, p=4 / 3))
+  with x64():
+    expected = ref.topk_magnitude(np.asarray(x, np.float64), 2, 0.6, 4 / 3)
+  assert out[1] == 0.0 and expected[1] == 0.0
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
 def test_float32_matches_float64_on_router_shapes():
   x = _rows(0, (256, 32))
   for p in (2.0, 4 / 3):
