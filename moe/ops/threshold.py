@@ -77,7 +77,25 @@ def _safe_pow(d, power: float, where):
   return jnp.where(where, jnp.power(safe, power), 0.0)
 
 
-def _stats(z, t, k: int, regularization: float, p: float, magnitude: bool):
+def _row_sums(columns):
+  """Σ over the last axis of each [..., N] column, two columns per pass.
+
+  XLA on CPU runs every reduction as its own pass over the data (sibling
+  reductions are not fused), so pairs of real columns are summed as the real
+  and imaginary parts of one complex column: half the passes, same floats.
+  """
+  total = functools.partial(jnp.sum, axis=-1, keepdims=True)
+  sums = []
+  for i in range(0, len(columns) - 1, 2):
+    pair = total(jax.lax.complex(columns[i], columns[i + 1]))
+    sums += [jnp.real(pair), jnp.imag(pair)]
+  if len(columns) % 2:
+    sums.append(total(columns[-1]))
+  return sums
+
+
+def _stats(z, t, k, regularization: float, p: float, magnitude: bool):
+  del k
   r = exponent(p)
   d = z - t
   # Entries within a few ulps of the cap count as partial: the iterates sit
@@ -87,23 +105,39 @@ def _stats(z, t, k: int, regularization: float, p: float, magnitude: bool):
   capped = d >= width * (1.0 + 16.0 * jnp.finfo(z.dtype).eps)
   partial = (d > 0) & ~capped
   db = jnp.where(partial, d, 0.0)
-  total = functools.partial(jnp.sum, axis=-1, keepdims=True)
-  zero = jnp.zeros_like(t)
-  s1 = total(db)
+  # Both counts in one column, |capped| * (N + 1) + |partial|, while exact.
+  base = z.shape[-1] + 1
+  packed = base * base < 2 ** (jnp.finfo(z.dtype).nmant + 1)
+  if packed:
+    counts = [jnp.where(capped, float(base), partial.astype(z.dtype))]
+  else:
+    counts = [capped.astype(z.dtype), partial.astype(z.dtype)]
   if r == 3.0:
-    s2, s3 = total(db * db), total(db * db * db)
+    sq = db * db
+    powers = [db, sq, sq * db]
+  elif r == 1.0:
+    powers = [db]
+  else:
+    powers = [db, _safe_pow(d, r, partial), _safe_pow(d, r - 1.0, partial)]
+  sums = _row_sums(counts + powers)
+  if packed:
+    num_capped = jnp.floor(sums[0] / base)
+    num_partial, sums = sums[0] - base * num_capped, sums[1:]
+  else:
+    (num_capped, num_partial), sums = sums[:2], sums[2:]
+  s1 = sums[0]
+  zero = jnp.zeros_like(t)
+  if r == 3.0:
+    s2, s3 = sums[1], sums[2]
     s_r, s_r1 = s3, s2
   elif r == 1.0:
     s2 = s3 = zero
-    s_r, s_r1 = s1, total(partial.astype(z.dtype))
+    s_r, s_r1 = s1, num_partial
   else:
     s2 = s3 = zero
-    s_r = total(_safe_pow(d, r, partial))
-    s_r1 = total(_safe_pow(d, r - 1.0, partial))
-  return _Stats(
-      num_capped=total(capped.astype(z.dtype)),
-      num_partial=total(partial.astype(z.dtype)),
-      s1=s1, s2=s2, s3=s3, s_r=s_r, s_r1=s_r1)
+    s_r, s_r1 = sums[1], sums[2]
+  return _Stats(num_capped=num_capped, num_partial=num_partial,
+                s1=s1, s2=s2, s3=s3, s_r=s_r, s_r1=s_r1)
 
 
 def _cubic_root(p_coef, q_coef):
