@@ -20,3 +20,12 @@ def eight_devices():
   devices = jax.devices()
   assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
   return devices
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+  """A data dir holding the prepared embedded digits dataset."""
+  from moe.data import sources  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  sources.load_builder("digits", data_dir)
+  return data_dir

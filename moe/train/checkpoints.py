@@ -34,6 +34,7 @@ from typing import Any, Mapping, NamedTuple
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
@@ -44,6 +45,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 BEST_MODES = ("max", "min")
+UNREADABLE_SUFFIX = ".unreadable"
 
 PyTree = Any
 
@@ -214,7 +216,8 @@ class Checkpointer:
     return Restored(step, restored[STATE_ITEM], data_state)
 
   def restore_latest(self, abstract_state: PyTree,
-                     with_data_state: bool = True) -> Restored | None:
+                     with_data_state: bool = True,
+                     set_aside_unreadable: bool = False) -> Restored | None:
     """Restores the most recent readable checkpoint, or returns None if none.
 
     A checkpoint that cannot be read (truncated, corrupted) is skipped with a
@@ -225,6 +228,10 @@ class Checkpointer:
     Args:
       abstract_state: the target structure, as in `restore`.
       with_data_state: as in `restore`.
+      set_aside_unreadable: after falling back to an older step, rename the
+        skipped step directories to `<step>.unreadable[.<n>]` (kept for
+        inspection, ignored as checkpoints), so that a resumed run can save
+        those steps again.
 
     Returns:
       The `Restored` checkpoint, or None if the directory holds no step.
@@ -232,17 +239,37 @@ class Checkpointer:
     Raises:
       CheckpointError: if steps exist but none of them can be read.
     """
-    errors = []
+    errors, unreadable = [], []
     for step in reversed(self.all_steps()):
       try:
-        return self.restore(step, abstract_state, with_data_state)
+        restored = self.restore(step, abstract_state, with_data_state)
       except CheckpointError as e:
         logging.warning("Skipping unreadable checkpoint: %s", e)
         errors.append(str(e))
+        unreadable.append(step)
+        continue
+      if set_aside_unreadable and unreadable:
+        self._set_aside(unreadable)
+      return restored
     if errors:
       raise CheckpointError(
           f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames step directories out of the way (process 0), then syncs."""
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.directory / f"{step}{UNREADABLE_SUFFIX}"
+        copies = 0
+        while target.exists():
+          copies += 1
+          target = self.directory / f"{step}{UNREADABLE_SUFFIX}.{copies}"
+        logging.warning("Renaming the unreadable checkpoint %s to %s.",
+                        self.directory / str(step), target)
+        (self.directory / str(step)).rename(target)
+    multihost_utils.sync_global_devices("moe_checkpoints_set_aside")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     """Blocks until pending asynchronous saves are written."""

@@ -96,10 +96,19 @@ class Reporter:
         config, ml_collections.ConfigDict) else dict(config)
     self.writer.write_hparams(_flatten_hparams(values))
 
-  def log_parameter_overview(self, params: Any) -> None:
-    """Logs a table of parameter names, shapes, sizes and statistics."""
+  def log_parameter_overview(self, params: Any,
+                             include_stats: bool = True) -> None:
+    """Logs a table of parameter names, shapes, sizes (and statistics).
+
+    Args:
+      params: the parameters; arrays, or `jax.ShapeDtypeStruct`s without
+        `include_stats`.
+      include_stats: also log mean and std, which reads the values (they
+        must be fully addressable by this process).
+    """
     if self.is_writing:
-      parameter_overview.log_parameter_overview(params)
+      parameter_overview.log_parameter_overview(params,
+                                                include_stats=include_stats)
 
   @contextlib.contextmanager
   def timed(self, name: str) -> Iterator[None]:

@@ -1,0 +1,124 @@
+r"""Speed of the train step: compile time, steps/s and examples/s.
+
+Times the jitted train step of `moe.train` (forward, loss, backward, Adam
+update, on the default devices with the configs' shardings) on a synthetic
+batch already on the devices, so the input pipeline is not included:
+
+  digits_vmoe: `configs/digits_vmoe.py` (8x8x1 images, batch 128).
+  vmoe_s16: a ViT-S/16 V-MoE at 224 px (12 blocks, D=384; E=8, K=2 MoE MLPs
+    in every other block, SparseTopK router, groups of 8 images), batch 64.
+
+Usage (prints a markdown table):
+
+  python experiments/bench_train.py [--setups=digits_vmoe,vmoe_s16]
+      [--steps=N] [--router=NoisyTopExpertsPerItem]
+"""
+import importlib.util
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from moe.train import config_lib
+from moe.train import optimizers
+from moe.train import partitioning
+from moe.train import tasks
+from moe.train import train_state
+
+_SETUPS = flags.DEFINE_list("setups", ["digits_vmoe", "vmoe_s16"],
+                            "Setups to time.")
+_STEPS = flags.DEFINE_integer("steps", 0,
+                              "Timed steps per setup; 0: the setup's default.")
+_ROUTER = flags.DEFINE_string(
+    "router", None, "Router of the MoE layers; default: the config's.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# setup: (image shape, batch size, default timed steps)
+SHAPES = {"digits_vmoe": ((8, 8, 1), 128, 100), "vmoe_s16": ((224, 224, 3),
+                                                             64, 3)}
+
+
+def _digits_config():
+  """Returns `get_config()` of configs/digits_vmoe.py, loaded by path."""
+  path = os.path.join(REPO, "configs", "digits_vmoe.py")
+  spec = importlib.util.spec_from_file_location("digits_vmoe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _config(setup):
+  """Returns the experiment config of a setup."""
+  config = _digits_config()
+  if setup == "vmoe_s16":
+    moe = config_lib.moe_config(8, 2, layers="every_2", group_size=8 * 197)
+    config.model = config_lib.vit_model("S/16", 1000, moe=moe)
+  if _ROUTER.value:
+    config.model.encoder.moe.router.name = _ROUTER.value
+  return config
+
+
+def _synthetic_batch(image_shape, batch_size, num_classes, mesh):
+  """Returns random images and one-hot labels, split over the devices."""
+  rng = np.random.default_rng(0)
+  local = {
+      "image": rng.uniform(-1, 1, (batch_size,) + image_shape).astype(
+          np.float32),
+      "labels": np.eye(num_classes, dtype=np.float32)[
+          rng.integers(0, num_classes, batch_size)],
+  }
+  return partitioning.shard_batch(local, mesh)
+
+
+def bench(setup):
+  """Returns (parameters, compile seconds, steps/s, examples/s) of a setup."""
+  image_shape, batch_size, default_steps = SHAPES[setup]
+  steps = _STEPS.value or default_steps
+  config = _config(setup)
+  mesh = partitioning.create_mesh_from_config(config.mesh)
+  task = tasks.create_task(config)
+  optimizer = optimizers.create_optimizer(config.optimizer, 10_000)
+  batch = _synthetic_batch(image_shape, batch_size, config.model.num_classes,
+                           mesh)
+  specs = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in batch.items()}
+  layout = train_state.StateLayout.create(
+      task, optimizer, specs, mesh,
+      partitioning.MeshConfig.from_config(config.mesh))
+  state = layout.initialize(0)
+  start = time.perf_counter()
+  step = train_state.make_train_step(layout).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(2):
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  steps_per_s = steps / (time.perf_counter() - start)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return num_params, compile_s, steps_per_s, steps_per_s * batch_size
+
+
+def main(argv):
+  del argv
+  rows = ["| setup | batch | parameters | compile (s) | steps/s | examples/s |",
+          "|---|---:|---:|---:|---:|---:|"]
+  for setup in _SETUPS.value:
+    if setup not in SHAPES:
+      raise app.UsageError(f"--setups: unknown setup {setup!r}; known: "
+                           f"{', '.join(SHAPES)}.")
+    num_params, compile_s, steps_per_s, examples_per_s = bench(setup)
+    rows.append(f"| {setup} | {SHAPES[setup][1]} | {num_params:,} | "
+                f"{compile_s:.1f} | {steps_per_s:.2f} | {examples_per_s:.1f} |")
+  devices = jax.devices()
+  print(f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPU cores")
+  print("\n".join(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,336 @@
+"""Building blocks of the experiment configs in `configs/`.
+
+Config files are loaded by path (`--config configs/x.py[:arg]`), so the
+pieces they share live here, inside the installed package:
+
+  arg = config_lib.parse_arg(arg, runlocal=False, experts=8)
+  config = config_lib.base_config()             # every field, at defaults
+  config.model = config_lib.vit_model("S/32", num_classes=1000,
+                                      moe=config_lib.moe_config(8, 2))
+
+`base_config` holds every field the trainer reads, so that each can be
+overridden from the command line (`--config.a.b=value`) although the config
+is locked.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe import data
+
+EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config argument such as 'runlocal,experts=4'.
+
+  Args:
+    arg: comma-separated `key=value` items; a bare `key` means `key=True`.
+      None or '' keeps every default.
+    **defaults: the allowed keys and their defaults; a value is converted to
+      the type of its default (bool: 1/0, true/false, yes/no).
+
+  Returns:
+    A ConfigDict with every key of `defaults`.
+
+  Raises:
+    ValueError: for a key that is not in `defaults` or a value that does not
+      convert.
+  """
+  values = dict(defaults)
+  for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+    key, has_value, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; allowed: "
+                       f"{', '.join(sorted(defaults))}.")
+    values[key] = _convert(key, text.strip() if has_value else "true",
+                           defaults[key])
+  return ml_collections.ConfigDict(values)
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+  """Converts `text` to the type of `default`."""
+  try:
+    if isinstance(default, bool):
+      if text.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"expected one of {_TRUE + _FALSE}")
+      return text.lower() in _TRUE
+    if isinstance(default, (int, float)):
+      return type(default)(ast.literal_eval(text))
+    if default is None:
+      return ast.literal_eval(text)
+    return type(default)(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"Config argument {key}={text!r} is not a "
+                     f"{type(default).__name__}: {e}") from e
+
+
+def router_config(name: str = "SparseTopK", *,
+                  capacity_factor: float = 1.25,
+                  eval_capacity_factor: float | None = None,
+                  **fields: Any) -> ml_collections.ConfigDict:
+  """Returns a router config with the fields of every router.
+
+  Changing `name` alone switches routers (`moe.nn.routers.create_router`
+  ignores the fields of other routers). Defaults are those of the router
+  classes except the capacity factors.
+
+  Args:
+    name: "SparseTopK", "NoisyTopExpertsPerItem" or "TopItemsPerExpert".
+    capacity_factor: train-time capacity factor.
+    eval_capacity_factor: eval-time capacity factor; None: as at train time.
+    **fields: other router attributes to change.
+
+  Returns:
+    The `model.encoder.moe.router` section.
+  """
+  router = ml_collections.ConfigDict(dict(
+      name=name,
+      capacity_factor=capacity_factor,
+      eval_capacity_factor=config_dict.placeholder(float),
+      min_capacity=1,
+      # NoisyTopExpertsPerItem and SparseTopK.
+      noise_std=0.0,
+      importance_loss_weight=1.0,
+      gshard_loss_weight=0.0,
+      batch_priority=False,
+      # NoisyTopExpertsPerItem.
+      load_loss_weight=1.0,
+      # SparseTopK.
+      regularization=0.1,
+      p=4 / 3,
+      solver="exact",
+      combine="gate",
+      min_gate=0.0,
+  ))
+  router.eval_capacity_factor = eval_capacity_factor
+  router.update(fields)
+  return router
+
+
+def moe_config(num_experts: int, num_selected_experts: int = 2, *,
+               layers: Any = "every_2", group_size: int | None = None,
+               router: ml_collections.ConfigDict | None = None,
+               dispatcher: str = "einsum",
+               dtype: str = "float32") -> ml_collections.ConfigDict:
+  """Returns a `model.encoder.moe` section (see `moe.nn.vit`).
+
+  Args:
+    num_experts: E.
+    num_selected_experts: K.
+    layers: the MoE blocks: "every_2", "last_2" or block indices.
+    group_size: S tokens per routing group; None: one image's tokens.
+    router: `router_config(...)`; default SparseTopK.
+    dispatcher: "einsum" or "index".
+    dtype: dtype of the expert computation.
+
+  Returns:
+    The section.
+  """
+  moe = ml_collections.ConfigDict(dict(
+      layers=layers, num_experts=num_experts,
+      num_selected_experts=num_selected_experts,
+      group_size=config_dict.placeholder(int), dispatcher=dispatcher,
+      dtype=dtype, router=router or router_config()))
+  moe.group_size = group_size
+  return moe
+
+
+def vit_model(variant: str, num_classes: int, *,
+              moe: ml_collections.ConfigDict | None = None,
+              **fields: Any) -> ml_collections.ConfigDict:
+  """Returns a `model` section: ViT, or V-MoE when `moe` is given.
+
+  Args:
+    variant: "<size>/<patch>", e.g. "S/32" (see `moe.nn.vit.VARIANTS`).
+    num_classes: number of classes.
+    moe: `moe_config(...)`, or None for a dense ViT.
+    **fields: other model fields (`classifier`, `representation_size`,
+      `head_zeroinit`) and `encoder` fields (`num_layers`, `mlp_dim`,
+      `num_heads`, `dropout_rate`, `attention_dropout_rate`,
+      `stochastic_depth`).
+
+  Returns:
+    The section.
+  """
+  encoder_fields = ("num_layers", "mlp_dim", "num_heads", "dropout_rate",
+                    "attention_dropout_rate", "stochastic_depth")
+  encoder = ml_collections.ConfigDict(dict(
+      dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0))
+  encoder.update({k: v for k, v in fields.items() if k in encoder_fields})
+  encoder.moe = moe
+  model = ml_collections.ConfigDict(dict(
+      name="vit", variant=variant, num_classes=num_classes,
+      classifier="token", representation_size=config_dict.placeholder(int),
+      head_zeroinit=True))
+  model.update({k: v for k, v in fields.items() if k not in encoder_fields})
+  model.encoder = encoder
+  return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns an experiment config with every trainer field at its default.
+
+  The caller sets `total_steps`, `model`, the dataset and the optimizer.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.dataset = data.default_config()
+  config.model = ml_collections.ConfigDict()
+  config.task = ml_collections.ConfigDict(dict(
+      name="classification", loss="softmax_xent", label_smoothing=0.0,
+      aux_loss_weight=0.01, inputs_key="image", labels_key="labels"))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-3, momentum=0.9, nesterov=False,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      weight_decay_params=(r"(.*/)?kernel",), weight_decay_exclude=(),
+      grad_clip_norm=config_dict.placeholder(float), frozen_params=(),
+      lr_mults=(), accumulation_steps=1,
+      schedule=dict(name="warmup_cosine", warmup_steps=0,
+                    decay_steps=config_dict.placeholder(int), end_value=0.0,
+                    timescale=10_000)))
+  config.mesh = ml_collections.ConfigDict(dict(
+      expert=1, partition_rules=EXPERT_PARTITION_RULES,
+      fsdp_min_size=config_dict.placeholder(int)))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=2, best_metric="eval_accuracy", best_mode="max",
+      asynchronous=True))
+  config.evaluation = ml_collections.ConfigDict(dict(
+      every_steps=1000, model_overrides=ml_collections.ConfigDict()))
+  config.logging = ml_collections.ConfigDict(dict(
+      every_steps=100, progress_every_secs=60.0, profile=False))
+  return config
+
+
+def digits_config(moe: ml_collections.ConfigDict | None = None, *,
+                  runlocal: bool = False) -> ml_collections.ConfigDict:
+  """Returns the experiment on the embedded digits (`configs/digits_*.py`).
+
+  A small ViT on 8x8x1 images with 2x2 patches (16 patches + class token =
+  17 tokens), D=64, 4 blocks, MLP width 128, 4 heads; Adam with warmup and
+  cosine decay, 1000 steps of 128 images (89 epochs), evaluation on the 360
+  test images every 200 steps.
+
+  Args:
+    moe: `moe_config(...)` to make it a V-MoE; None: the dense ViT.
+    runlocal: a 2-block D=32 model for 20 steps of 64 images (smoke tests).
+
+  Returns:
+    The experiment config.
+  """
+  config = base_config()
+  config.total_steps = 1000
+  config.dataset.batch_size = 128
+  config.dataset.eval_batch_size = 360
+  config.model = vit_model("tiny/2", num_classes=10, hidden_size=64,
+                           num_layers=4, mlp_dim=128, num_heads=4, moe=moe)
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule.warmup_steps = 50
+  config.evaluation.every_steps = 200
+  config.checkpoint.every_steps = 200
+  config.logging.every_steps = 50
+  config.logging.progress_every_secs = 10.0
+  if runlocal:
+    config.total_steps = 20
+    config.dataset.batch_size = 64
+    config.dataset.eval_batch_size = 120
+    config.model.hidden_size = 32
+    config.model.encoder.num_layers = 2
+    config.model.encoder.mlp_dim = 32
+    config.model.encoder.num_heads = 2
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.schedule.warmup_steps = 2
+    config.evaluation.every_steps = 10
+    config.checkpoint.every_steps = 10
+    config.logging.every_steps = 5
+  return config
+
+
+def imagenet_pp(num_classes: int, image_size: int = 224) -> tuple[str, str]:
+  """Returns the (train, eval) preprocessing of the V-MoE ImageNet recipes.
+
+  Train: Inception crop, horizontal flip; eval: resize to 8/7 of the size and
+  central crop. Pixels in [-1, 1], one-hot `labels`. The paper also uses
+  RandAugment and mixup, which `moe.data` does not provide.
+
+  Args:
+    num_classes: number of classes of the one-hot labels.
+    image_size: side of the square model input.
+
+  Returns:
+    The two preprocessing strings.
+  """
+  common = (f"value_range(-1, 1)|onehot({num_classes}, key_result='labels')"
+            f"|keep('image', 'labels')")
+  train = f"decode_jpeg_and_inception_crop({image_size})|flip_lr|{common}"
+  evaluation = (f"decode|resize({image_size * 8 // 7})|"
+                f"central_crop({image_size})|{common}")
+  return train, evaluation
+
+
+def vmoe_recipe(config: ml_collections.ConfigDict, *, learning_rate: float,
+                total_steps: int, warmup_steps: int = 10_000) -> None:
+  """Sets the optimisation of the V-MoE paper's upstream runs, in place.
+
+  AdamW (b1 0.9, b2 0.999) with decoupled weight decay 0.1 on the kernels,
+  linear warmup then linear decay to 1e-5, gradient clipping at global norm
+  1, sigmoid cross-entropy, router auxiliary losses weighted 0.005.
+
+  Args:
+    config: the experiment config.
+    learning_rate: peak learning rate.
+    total_steps: train steps.
+    warmup_steps: linear warmup steps.
+  """
+  config.total_steps = total_steps
+  config.task.loss = "sigmoid_xent"
+  config.task.aux_loss_weight = 0.005
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule.name = "warmup_linear"
+  config.optimizer.schedule.warmup_steps = warmup_steps
+  config.optimizer.schedule.end_value = 1e-5
+
+
+def make_runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a full-scale config to a few steps of a tiny model, in place.
+
+  For a smoke test on one host (a laptop CPU included) of the data pipeline
+  and the whole loop; the dataset must still be prepared in the data dir.
+  Evaluation uses the first 64 examples of the eval split's base split.
+
+  Args:
+    config: the experiment config.
+  """
+  config.total_steps = 10
+  config.dataset.batch_size = 16
+  config.dataset.eval_batch_size = 16
+  base_split = config.dataset.eval_split.split("[")[0]
+  config.dataset.eval_split = f"{base_split}[:64]"
+  config.dataset.shuffle_buffer = 1_000
+  config.model.hidden_size = 32
+  config.model.encoder.num_layers = 2
+  config.model.encoder.mlp_dim = 64
+  config.model.encoder.num_heads = 2
+  moe = config.model.encoder.moe
+  if moe is not None:
+    # The last of the 2 blocks, in the field's type (ConfigDicts are typed).
+    moe.layers = "last_1" if isinstance(moe.layers, str) else (1,)
+    moe.group_size = None
+  config.optimizer.schedule.warmup_steps = 2
+  config.mesh.expert = 1
+  config.evaluation.every_steps = 5
+  config.checkpoint.every_steps = 5
+  config.logging.every_steps = 1

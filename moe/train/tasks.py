@@ -1,0 +1,267 @@
+"""Tasks: the data, model, loss and metrics that the train loop runs.
+
+The loop (`moe.train.trainer`) is written once against the `Task` protocol
+and knows nothing about images, labels or models; a new pipeline
+(distillation with a teacher inside the parameters, masked gradients,
+sequence models) is a new task, not a new loop:
+
+  train = task.make_train_iterator()          # local batches, resumable
+  params = task.init(rng, batch)              # batch: arrays or shapes
+  loss, metrics = task.train_loss(params, batch, rng)  # under jit and grad
+  for batch in task.make_eval_data():         # padded local batches
+    metrics = task.eval_metrics(params, batch)  # dict of clu Metrics
+
+Batches are dicts of arrays with a leading axis B; eval batches also hold
+`moe.data.MASK_KEY` (bool [B], False for padding rows), and eval metrics
+must weight by it. `train_loss` metrics are scalars; the loop averages them
+over the steps between two reports and writes them as `train_<name>`; eval
+metrics are merged over the eval split and written as `eval_<name>`.
+
+Tasks are built from config by `create_task(config)`: `config.task.name` is a
+key of `TASKS`, the other `config.task` fields are that task's options.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from clu import metrics as clu_metrics
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from moe import data as data_lib
+from moe.nn import models
+from moe.train import config_fields
+from moe.train import losses
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+PyTree = Any
+
+# Rng streams of the models in `moe.nn`: dropout and router noise.
+MODEL_RNG_STREAMS = ("dropout", "gating")
+
+
+class TrainIterator(Protocol):
+  """An infinite iterator of local batches whose position can be saved."""
+
+  def __iter__(self) -> "TrainIterator":
+    """Returns the iterator itself."""
+
+  def __next__(self) -> dict[str, Any]:
+    """Returns the next local batch."""
+
+  def get_state(self) -> dict[str, Any]:
+    """Returns the position of the next batch, a JSON-able dict."""
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Moves to a position returned by `get_state`."""
+
+
+class Task(Protocol):
+  """What the train loop needs from a task (see the module docstring)."""
+
+  def make_train_iterator(self) -> TrainIterator:
+    """Returns this process's train batches, from the start of the stream."""
+
+  def make_eval_data(self) -> Iterable[dict[str, Any]]:
+    """Returns this process's eval batches; every iteration is one pass."""
+
+  def init(self, rng: jax.Array, batch: Batch) -> PyTree:
+    """Returns fresh parameters for batches shaped like `batch`."""
+
+  def train_loss(self, params: PyTree, batch: Batch,
+                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Returns the scalar loss to minimise and scalar metrics."""
+
+  def eval_metrics(self, params: PyTree,
+                   batch: Batch) -> dict[str, clu_metrics.Metric]:
+    """Returns mergeable metrics of one padded eval batch."""
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """Whether one of the k highest logits is a positive label.
+
+  Args:
+    logits: `[B, C]`.
+    labels: `[B, C]`, one-hot or multi-hot (positive where > 0).
+    k: number of predictions; capped at C.
+
+  Returns:
+    float32 `[B]`, 1 where a top-k prediction is a positive label.
+  """
+  _, predicted = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  hits = jnp.take_along_axis(labels, predicted, axis=-1) > 0
+  return jnp.any(hits, axis=-1).astype(jnp.float32)
+
+
+def scalar_model_metrics(metrics: Mapping[str, jax.Array]) -> Metrics:
+  """Turns a model's metrics into scalars that can be averaged and logged.
+
+  Scalars are kept. A vector (the MoE load `tokens_per_expert` [E]) becomes
+  `<name>_cv`, its coefficient of variation std / mean: 0 for perfectly
+  balanced experts.
+
+  Args:
+    metrics: the model's metrics, e.g. `auxiliary_loss` and
+      `encoderblock_N/<router metric>`.
+
+  Returns:
+    float32 scalars.
+  """
+  scalars = {}
+  for name, value in metrics.items():
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim == 0:
+      scalars[name] = value
+    else:
+      mean = jnp.mean(value)
+      scalars[f"{name}_cv"] = jnp.std(value) / jnp.where(mean > 0, mean, 1.)
+  return scalars
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+  """Image classification with a model from `moe.nn`.
+
+  Train loss: mean over the batch of `loss(logits, smoothed labels)` plus
+  `aux_loss_weight` times the model's `auxiliary_loss` (the sum of the MoE
+  routers' balancing losses). Train metrics: `loss` (the total),
+  `task_loss`, `accuracy` (top-1) and the model's metrics
+  (`scalar_model_metrics`). Eval metrics: `loss` (without label smoothing),
+  `accuracy` (top-1), `top5` and the model's metrics; the first three are
+  averaged over real examples, the model's metrics over batches (padding rows
+  included, since routers see whole batches).
+
+  Attributes:
+    model: flax module, `model.apply(variables, inputs, train=...)` returns
+      `(logits [B, C], metrics)`; used for training.
+    eval_model: the module used for evaluation; it must have the parameters
+      of `model` (e.g. the same model with another capacity factor).
+    dataset: the dataset config (`moe.data.default_config()`).
+    loss: key of `moe.train.losses.LOSSES`.
+    label_smoothing: s; train labels become `labels * (1 - s) + s / C`.
+    aux_loss_weight: weight of the model's `auxiliary_loss`.
+    inputs_key: batch entry fed to the model.
+    labels_key: batch entry holding `[B, C]` one-hot or multi-hot labels.
+  """
+  model: nn.Module
+  eval_model: nn.Module
+  dataset: ml_collections.ConfigDict
+  loss: str = "softmax_xent"
+  label_smoothing: float = 0.0
+  aux_loss_weight: float = 0.01
+  inputs_key: str = "image"
+  labels_key: str = "labels"
+
+  def __post_init__(self):
+    config_fields.check_choice(self.loss, "config.task.loss",
+                               tuple(losses.LOSSES))
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"config.task.label_smoothing must be in [0, 1), got "
+                       f"{self.label_smoothing!r}.")
+    config_fields.check_number(self.aux_loss_weight,
+                               "config.task.aux_loss_weight")
+
+  def make_train_iterator(self) -> data_lib.TrainIterator:
+    return data_lib.make_train_iterator(self.dataset)
+
+  def make_eval_data(self) -> data_lib.EvalData:
+    return data_lib.make_eval_data(self.dataset)
+
+  def init(self, rng: jax.Array, batch: Batch) -> PyTree:
+    return self.model.init({"params": rng}, batch[self.inputs_key],
+                           train=False)["params"]
+
+  def train_loss(self, params: PyTree, batch: Batch,
+                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    rngs = dict(zip(MODEL_RNG_STREAMS,
+                    jax.random.split(rng, len(MODEL_RNG_STREAMS))))
+    logits, model_metrics = self.model.apply(
+        {"params": params}, batch[self.inputs_key], train=True, rngs=rngs)
+    labels = batch[self.labels_key]
+    targets = labels
+    if self.label_smoothing:
+      targets = optax.smooth_labels(labels, self.label_smoothing)
+    task_loss = jnp.mean(losses.LOSSES[self.loss](logits, targets))
+    loss = task_loss + self.aux_loss_weight * model_metrics["auxiliary_loss"]
+    return loss, {
+        **scalar_model_metrics(model_metrics),
+        "loss": loss,
+        "task_loss": task_loss,
+        "accuracy": jnp.mean(topk_correct(logits, labels, 1)),
+    }
+
+  def eval_metrics(self, params: PyTree,
+                   batch: Batch) -> dict[str, clu_metrics.Metric]:
+    logits, model_metrics = self.eval_model.apply(
+        {"params": params}, batch[self.inputs_key], train=False)
+    labels, mask = batch[self.labels_key], batch[data_lib.MASK_KEY]
+
+    def per_example(values):
+      return clu_metrics.Average.from_model_output(values, mask=mask)
+
+    metrics = {name: clu_metrics.Average.from_model_output(value)
+               for name, value in scalar_model_metrics(model_metrics).items()}
+    metrics.update(
+        loss=per_example(losses.LOSSES[self.loss](logits, labels)),
+        accuracy=per_example(topk_correct(logits, labels, 1)),
+        top5=per_example(topk_correct(logits, labels, 5)))
+    return metrics
+
+
+def merged_model_config(model: Any, overrides: Any) -> dict[str, Any]:
+  """Returns `model` (a config section) with `overrides` merged in, deeply."""
+  merged = dict(config_fields.section_to_dict(model))
+  for key, value in config_fields.section_to_dict(overrides).items():
+    if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+      value = merged_model_config(merged[key], value)
+    merged[key] = value
+  return merged
+
+
+def create_classification_task(
+    config: ml_collections.ConfigDict) -> ClassificationTask:
+  """Builds a `ClassificationTask` from the whole experiment config.
+
+  Reads `config.task` (the task's attributes except the modules and the
+  dataset), `config.model`, `config.dataset` and
+  `config.evaluation.model_overrides` (merged into `config.model` to build
+  `eval_model`).
+
+  Args:
+    config: the experiment config.
+
+  Returns:
+    The task.
+  """
+  options = config_fields.section_to_dict(config.task)
+  options.pop("name", None)
+  allowed = [f.name for f in dataclasses.fields(ClassificationTask)
+             if f.name not in ("model", "eval_model", "dataset")]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f"config.task has unknown field(s) {', '.join(unknown)}; allowed "
+        f"fields: name, {', '.join(allowed)}.")
+  overrides = config.get("evaluation", {}).get("model_overrides")
+  return ClassificationTask(
+      model=models.build_model(config.model),
+      eval_model=models.build_model(
+          merged_model_config(config.model, overrides)),
+      dataset=config.dataset, **options)
+
+
+TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
+    "classification": create_classification_task,
+}
+
+
+def create_task(config: ml_collections.ConfigDict) -> Task:
+  """Returns the task `config.task.name` (a key of `TASKS`) of `config`."""
+  name = config.task.get("name")
+  config_fields.check_choice(name, "config.task.name", tuple(TASKS))
+  return TASKS[name](config)

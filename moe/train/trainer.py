@@ -1,0 +1,311 @@
+"""The train loop: train, evaluate, checkpoint, resume, report.
+
+`train_and_evaluate(config, workdir)` runs one experiment:
+
+  1. builds the mesh (`config.mesh`), the task (`config.task`, with its data
+     and model), the optimizer (`config.optimizer`) and the state layout;
+  2. resumes from the latest readable checkpoint in WORKDIR/checkpoints
+     (train state and data position), or initialises a fresh state (then
+     `init_params_fn`, the fine-tuning hook, may replace the parameters);
+  3. runs the jitted train step until `config.total_steps`, writing train
+     metrics every `config.logging.every_steps`, evaluating every
+     `config.evaluation.every_steps` and saving checkpoints as
+     `config.checkpoint` says; always evaluating and saving at the end;
+  4. on SIGTERM, saves a checkpoint of the current step and returns early;
+  5. prints, on process 0, the summary line
+     `final: step=N eval_accuracy=A eval_top5=B eval_loss=L wall_s=W`, e.g.
+     `final: step=1000 eval_accuracy=0.9611 eval_top5=0.9944 eval_loss=0.197
+     wall_s=136` (accuracies with 4 decimals, loss with 3, seconds rounded).
+
+A restarted run resumes by itself and produces the same parameters and
+metrics as one that never stopped. A NaN or infinite train loss stops the
+run with `train_metrics.NonFiniteLossError` before anything is saved.
+
+Config fields read here (besides the sections of the other modules):
+
+  seed: int, parameters and train rng (the data has `config.dataset.seed`).
+  total_steps: int, train steps (micro-batches); with
+    `config.optimizer.accumulation_steps` = A the optimizer makes
+    total_steps / A updates.
+  evaluation: `EvaluationConfig`.
+  logging: `LoggingConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+
+from moe.train import checkpoints
+from moe.train import config_fields
+from moe.train import evaluation
+from moe.train import metrics_writing
+from moe.train import multihost
+from moe.train import optimizers
+from moe.train import partitioning
+from moe.train import preemption
+from moe.train import tasks
+from moe.train import train_metrics
+from moe.train import train_state
+
+# Top-level config fields; each section is documented by the module reading it.
+CONFIG_FIELDS = ("seed", "total_steps", "dataset", "model", "task",
+                 "optimizer", "mesh", "checkpoint", "evaluation", "logging")
+
+Hook = Callable[[int, train_state.TrainState], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """Evaluation, `config.evaluation`.
+
+  Attributes:
+    every_steps: evaluate when the step is a multiple of this (and at the
+      last step).
+    model_overrides: fields merged into `config.model` to build the eval
+      model, which must have the same parameters, e.g.
+      `{"encoder": {"moe": {"num_selected_experts": 1}}}`; read by the task.
+  """
+  every_steps: int = 1000
+  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    config_fields.check_int(self.every_steps, "config.evaluation.every_steps",
+                            1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """Metric writing and progress reports, `config.logging`.
+
+  Attributes:
+    every_steps: write the mean train metrics every so many steps.
+    progress_every_secs: report steps/s and ETA at most this often.
+    profile: capture a jax profile of a few steps into the workdir.
+  """
+  every_steps: int = 100
+  progress_every_secs: float = 60.0
+  profile: bool = False
+
+  def __post_init__(self):
+    config_fields.check_int(self.every_steps, "config.logging.every_steps", 1)
+    config_fields.check_number(self.progress_every_secs,
+                               "config.logging.progress_every_secs",
+                               strict=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """The top-level fields of the loop (see the module docstring)."""
+  total_steps: int
+  seed: int
+  evaluation: EvaluationConfig
+  logging: LoggingConfig
+  accumulation_steps: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LoopConfig":
+    """Parses and checks the loop's fields of the experiment config."""
+    unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
+    if unknown:
+      raise ValueError(
+          f"config has unknown field(s) {', '.join(unknown)}; allowed "
+          f"fields: {', '.join(CONFIG_FIELDS)}.")
+    if "total_steps" not in config:
+      raise ValueError("config.total_steps must be set.")
+    config_fields.check_int(config.total_steps, "config.total_steps", 1)
+    seed = config.get("seed", 0)
+    config_fields.check_int(seed, "config.seed", 0)
+    accumulation = optimizers.OptimizerConfig.from_config(
+        config.optimizer).accumulation_steps
+    if config.total_steps % accumulation:
+      raise ValueError(
+          f"config.total_steps={config.total_steps} must be a multiple of "
+          f"config.optimizer.accumulation_steps={accumulation}.")
+    return cls(
+        total_steps=config.total_steps, seed=seed,
+        evaluation=config_fields.parse_section(
+            EvaluationConfig, config.get("evaluation"), "config.evaluation"),
+        logging=config_fields.parse_section(
+            LoggingConfig, config.get("logging"), "config.logging"),
+        accumulation_steps=accumulation)
+
+
+class TrainResult(NamedTuple):
+  """What a run ends with.
+
+  Attributes:
+    step: the last train step done.
+    state: the train state after it.
+    train_metrics: the last written train metrics (`train_<name>`).
+    eval_metrics: the last evaluation (`eval_<name>`); empty if the run was
+      preempted before evaluating.
+    wall_s: seconds this call took.
+    preempted: whether the run stopped early on SIGTERM.
+  """
+  step: int
+  state: train_state.TrainState
+  train_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  wall_s: float
+  preempted: bool
+
+
+def final_line(step: int, eval_metrics: Mapping[str, float],
+               wall_s: float) -> str:
+  """Returns the summary line printed at the end of a run."""
+  return (f"final: step={step} "
+          f"eval_accuracy={eval_metrics['eval_accuracy']:.4f} "
+          f"eval_top5={eval_metrics['eval_top5']:.4f} "
+          f"eval_loss={eval_metrics['eval_loss']:.3f} wall_s={round(wall_s)}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       task: tasks.Task | None = None,
+                       init_params_fn: train_state.InitParamsFn | None = None,
+                       hooks: Sequence[Hook] = ()) -> TrainResult:
+  """Trains and evaluates as `config` says; resumes from `workdir`.
+
+  Args:
+    config: the experiment config (see the module docstring).
+    workdir: directory of checkpoints and TensorBoard event files.
+    task: the task to run; default `tasks.create_task(config)`.
+    init_params_fn: applied to the fresh parameters of a run that does not
+      resume (fine-tuning from a checkpoint); see `train_state.InitParamsFn`.
+    hooks: called as `hook(step, state)` after every train step.
+
+  Returns:
+    The `TrainResult`.
+  """
+  start_time = time.monotonic()
+  loop = LoopConfig.from_config(config)
+  mesh_config = partitioning.MeshConfig.from_config(config.get("mesh"))
+  mesh = partitioning.create_mesh(mesh_config.expert)
+  task = tasks.create_task(config) if task is None else task
+  optimizer = optimizers.create_optimizer(
+      config.optimizer, loop.total_steps // loop.accumulation_steps)
+
+  train_iter = task.make_train_iterator()
+  first_batch = next(train_iter)
+  batch_spec = {key: jax.ShapeDtypeStruct(x.shape, x.dtype) for key, x in
+                partitioning.shard_batch(first_batch, mesh).items()}
+  layout = train_state.StateLayout.create(task, optimizer, batch_spec, mesh,
+                                          mesh_config)
+  checkpointer = checkpoints.Checkpointer.from_config(
+      workdir, config.get("checkpoint"))
+  state, batches = _resume_or_start(checkpointer, layout, train_iter,
+                                    first_batch, loop.seed, init_params_fn)
+
+  reporter = metrics_writing.Reporter(
+      workdir, loop.total_steps,
+      progress_every_secs=loop.logging.progress_every_secs,
+      profile=loop.logging.profile)
+  reporter.write_hparams(config)
+  single_process = jax.process_count() == 1
+  reporter.log_parameter_overview(
+      state.params if single_process else layout.abstract.params,
+      include_stats=single_process)
+
+  run = _Run(loop=loop, layout=layout, checkpointer=checkpointer,
+             reporter=reporter, evaluator=evaluation.Evaluator(task, layout),
+             train_iter=train_iter, hooks=tuple(hooks))
+  try:
+    result = run.train(state, batches, start_time)
+  finally:
+    checkpointer.close()
+    reporter.close()
+  if result.preempted:
+    logging.warning("Preempted at step %d: checkpoint saved; run the same "
+                    "command again to resume.", result.step)
+  else:
+    line = final_line(result.step, result.eval_metrics, result.wall_s)
+    logging.info("%s", line)
+    if multihost.is_main_process():
+      print(line, flush=True)
+  return result
+
+
+def _resume_or_start(
+    checkpointer: checkpoints.Checkpointer, layout: train_state.StateLayout,
+    train_iter: tasks.TrainIterator, first_batch: dict[str, Any], seed: int,
+    init_params_fn: train_state.InitParamsFn | None
+) -> tuple[train_state.TrainState, Iterator[dict[str, Any]]]:
+  """Returns the state to train from and the local batches to train on.
+
+  The latest readable checkpoint gives the state and the data position;
+  without one, the state is fresh and the batches start with `first_batch`
+  (already taken from `train_iter` to learn the batch shapes).
+  """
+  restored = checkpointer.restore_latest(layout.abstract,
+                                         set_aside_unreadable=True)
+  if restored is None:
+    logging.info("No checkpoint in %s: starting from scratch.",
+                 checkpointer.directory)
+    state = layout.initialize(seed, init_params_fn)
+    return state, itertools.chain([first_batch], train_iter)
+  logging.info("Resuming from the checkpoint of step %d.", restored.step)
+  train_iter.set_state(restored.data_state)
+  return restored.state, train_iter
+
+
+@dataclasses.dataclass
+class _Run:
+  """The parts the loop drives; `train` runs the steps."""
+  loop: LoopConfig
+  layout: train_state.StateLayout
+  checkpointer: checkpoints.Checkpointer
+  reporter: metrics_writing.Reporter
+  evaluator: evaluation.Evaluator
+  train_iter: tasks.TrainIterator
+  hooks: tuple[Hook, ...]
+
+  def train(self, state: train_state.TrainState,
+            batches: Iterator[dict[str, Any]],
+            start_time: float) -> TrainResult:
+    """Runs the steps from `state.step` to `total_steps`."""
+    total_steps = self.loop.total_steps
+    train_step = train_state.make_train_step(self.layout)
+    pending = train_metrics.TrainMetrics()
+    step = int(metrics_writing.to_host_scalar(state.step))
+    train_scalars, eval_scalars = {}, {}
+    preempted = False
+    with preemption.PreemptionWatcher() as watcher:
+      while step < total_steps and not preempted:
+        batch = partitioning.shard_batch(next(batches), self.layout.mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = train_step(state, batch)
+        step += 1
+        pending.add(step, metrics)
+        self.reporter.on_step(step)
+        for hook in self.hooks:
+          hook(step, state)
+
+        preempted = watcher.reached(step)
+        last = step == total_steps
+        # A preempted job saves at once: the grace period is short.
+        evaluate = not preempted and (
+            last or step % self.loop.evaluation.every_steps == 0)
+        save = preempted or last or self.checkpointer.should_save(step)
+        if save or evaluate or step % self.loop.logging.every_steps == 0:
+          train_scalars = pending.flush()
+          self.reporter.write_scalars(step, train_scalars)
+        if evaluate:
+          with self.reporter.timed("eval"):
+            eval_scalars = self.evaluator(state.params)
+          self.reporter.write_scalars(step, eval_scalars)
+        if save:
+          self.checkpointer.save(
+              step, state, self.train_iter.get_state(),
+              metrics=eval_scalars if evaluate else None,
+              force=preempted or last)
+    if not eval_scalars and not preempted:
+      eval_scalars = self.evaluator(state.params)
+    return TrainResult(step=step, state=state, train_metrics=train_scalars,
+                       eval_metrics=eval_scalars,
+                       wall_s=time.monotonic() - start_time,
+                       preempted=preempted)

@@ -1,0 +1,140 @@
+"""Tests of the experiment configs (configs/) and moe.train.config_lib."""
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moe.nn import models
+from moe.nn import transformer
+from moe.train import config_lib
+from moe.train import trainer
+import train_testing
+
+CONFIGS = sorted(name for name in os.listdir(train_testing.CONFIGS)
+                 if name.endswith(".py"))
+FULL_SCALE = {
+    # config: ((D, blocks, MLP, heads), classes, E, K, MoE blocks, image size)
+    "ilsvrc2012_vmoe_s32.py": ((512, 8, 2048, 8), 1000, 8, 2, (5, 7), 224),
+    "imagenet21k_vmoe_b32.py": ((768, 12, 3072, 12), 21_843, 8, 2,
+                                (1, 3, 5, 7, 9, 11), 224),
+    "cifar10_vmoe_s.py": ((512, 8, 2048, 8), 10, 8, 2, (1, 3, 5, 7), 32),
+}
+
+
+def _num_params(model, image_size, channels=3):
+  images = jax.ShapeDtypeStruct((2, image_size, image_size, channels),
+                                jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  return sum(x.size for x in jax.tree.leaves(params)), params
+
+
+def test_every_config_is_tested():
+  assert set(CONFIGS) == set(FULL_SCALE) | {"digits_vit.py", "digits_vmoe.py"}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", ["", ":runlocal"])
+def test_configs_load_by_path_and_build(name, arg):
+  config = train_testing.load_config(name + arg)
+  assert config.is_locked
+  assert set(config) == set(trainer.CONFIG_FIELDS)
+  trainer.LoopConfig.from_config(config)
+  model = models.build_model(config.model)
+  assert model.num_classes == config.model.num_classes
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SCALE))
+def test_full_scale_configs_follow_the_vmoe_paper(name):
+  (width, depth, mlp_dim, heads), classes, experts, k, blocks, size = (
+      FULL_SCALE[name])
+  config = train_testing.load_config(name)
+  model = models.build_model(config.model)
+  moe = model.encoder["moe"]
+  assert (model.hidden_size, model.encoder["num_layers"],
+          model.encoder["mlp_dim"], model.encoder["num_heads"]) == (
+              width, depth, mlp_dim, heads)
+  assert (model.num_classes, moe["num_experts"],
+          moe["num_selected_experts"]) == (classes, experts, k)
+  assert transformer.moe_layer_indices(moe["layers"], depth) == blocks
+  assert config.mesh.expert == experts
+  assert config.mesh.partition_rules == config_lib.EXPERT_PARTITION_RULES
+  tokens = (size // model.patch_shape[0]) ** 2 + 1
+  assert moe["group_size"] == 8 * tokens
+  docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
+  for expected in ("python -m moe.main --config configs/" + name,
+                   "Expected", "TPU", "runlocal"):
+    assert expected in docstring, expected
+
+
+@pytest.mark.parametrize("name", ["digits_vmoe.py", "digits_vit.py"])
+def test_digits_configs_document_command_and_result(name):
+  docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
+  assert f"python -m moe.main --config configs/{name}" in docstring
+  assert "eval_accuracy=" in docstring
+
+
+def test_digits_vmoe_and_vit_differ_only_in_the_moe():
+  vmoe = train_testing.load_config("digits_vmoe.py").to_dict()
+  vit = train_testing.load_config("digits_vit.py").to_dict()
+  moe = vmoe["model"]["encoder"].pop("moe")
+  assert vit["model"]["encoder"].pop("moe") is None
+  assert vmoe == vit
+  assert (moe["num_experts"], moe["num_selected_experts"], moe["layers"],
+          moe["router"]["name"]) == (8, 2, "every_2", "SparseTopK")
+
+
+def test_router_is_one_override_and_presets_parse():
+  config = train_testing.load_config(
+      "digits_vmoe.py:experts=4,runlocal",
+      "--config.model.encoder.moe.router.name=NoisyTopExpertsPerItem")
+  assert config.total_steps == 20
+  model = models.build_model(config.model)
+  assert model.encoder["moe"]["num_experts"] == 4
+  count, params = _num_params(model, 8, channels=1)
+  assert count > 0
+  router = params["Transformer"]["encoderblock_1"]["MoeBlock_3"]["Router"]
+  assert router["dense"]["kernel"].shape == (32, 4)
+
+
+def test_override_typo_is_an_error_naming_the_field():
+  with pytest.raises(AttributeError,
+                     match=r'Did you mean "learning_rate" instead of '
+                     r'"learning_rat"\?'):
+    train_testing.load_config("digits_vmoe.py",
+                              "--config.optimizer.learning_rat=0.1")
+
+
+def test_override_type_mismatch_is_an_error():
+  with pytest.raises(flags.Error, match=r"total_steps"):
+    train_testing.load_config("digits_vmoe.py", "--config.total_steps=many")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("runlocall", r"Unknown config argument 'runlocall' in 'runlocall'; "
+     r"allowed: experts, runlocal"),
+    ("experts=four", r"Config argument experts='four' is not a int"),
+    ("runlocal=maybe", r"Config argument runlocal='maybe' is not a bool"),
+])
+def test_bad_config_arguments_are_errors(arg, message):
+  with pytest.raises(flags.Error, match=message):
+    train_testing.load_config(f"digits_vmoe.py:{arg}")
+
+
+def test_parse_arg_converts_to_the_default_types():
+  arg = config_lib.parse_arg("runlocal, experts=4,lr=0.5,name=x,off=0",
+                             runlocal=False, experts=8, lr=1.0, name="y",
+                             off=True)
+  assert arg.to_dict() == dict(runlocal=True, experts=4, lr=0.5, name="x",
+                               off=False)
+  assert config_lib.parse_arg(None, a=1).to_dict() == {"a": 1}
+
+
+def test_imagenet_pp_and_runlocal():
+  train, evaluation = config_lib.imagenet_pp(1000, 224)
+  assert train.startswith("decode_jpeg_and_inception_crop(224)|flip_lr|")
+  assert evaluation.startswith("decode|resize(256)|central_crop(224)|")
+  config = train_testing.load_config("imagenet21k_vmoe_b32.py:runlocal")
+  assert config.dataset.eval_split == "full[:64]"
+  assert (config.total_steps, config.mesh.expert) == (10, 1)

@@ -1,0 +1,231 @@
+"""End-to-end tests of moe.train.trainer on 8 fake CPU devices.
+
+Runs of the runlocal digits V-MoE (2 data x 4 expert partitions): training,
+metrics and event files; preemption by SIGTERM; resumption past a truncated
+checkpoint, bitwise equal to a run that never stopped; NaN losses; errors.
+Each run compiles its steps, so runs are shared between tests.
+"""
+import contextlib
+import io
+import logging
+import os
+import shutil
+import signal
+
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from moe.train import checkpoints
+from moe.train import train_metrics
+from moe.train import trainer
+import train_testing
+
+STEPS = 20
+PREEMPT_AT = 7
+EVERY = 10
+
+
+def _config(data_dir, *overrides):
+  """The runlocal V-MoE with a frozen, hook-initialised patch embedding."""
+  return train_testing.tiny_config(
+      data_dir, f"--config.total_steps={STEPS}",
+      f"--config.checkpoint.every_steps={EVERY}",
+      f"--config.evaluation.every_steps={EVERY}",
+      "--config.logging.every_steps=5",
+      "--config.optimizer.frozen_params=('embedding/kernel',)", *overrides)
+
+
+def _double_embedding(params):
+  """Init hook: twice the fresh patch embedding kernel."""
+  embedding = dict(params["embedding"])
+  embedding["kernel"] = 2 * np.asarray(embedding["kernel"])
+  return {**params, "embedding": embedding}
+
+
+def _send_sigterm_at(step):
+  def hook(current_step, state):
+    del state
+    if current_step == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+  return hook
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits_data_dir, tmp_path_factory, eight_devices):
+  """A run of STEPS steps that is never interrupted, and its initial params."""
+  workdir = tmp_path_factory.mktemp("straight")
+  initial = {}
+
+  def init_params_fn(params):
+    initial.update(_double_embedding(params))
+    return initial
+
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    result = trainer.train_and_evaluate(
+        _config(digits_data_dir), str(workdir), init_params_fn=init_params_fn)
+  return workdir, result, initial, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def preempted_run(digits_data_dir, tmp_path_factory, eight_devices):
+  """The same run, stopped by SIGTERM after step PREEMPT_AT."""
+  workdir = tmp_path_factory.mktemp("preempted")
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    result = trainer.train_and_evaluate(
+        _config(digits_data_dir), str(workdir),
+        init_params_fn=_double_embedding,
+        hooks=[_send_sigterm_at(PREEMPT_AT)])
+  return workdir, result, stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_trains_evaluates_and_writes_events_with_sharded_experts(
+    straight_run):
+  workdir, result, initial, stdout = straight_run
+  assert result.step == STEPS and not result.preempted
+  experts = result.state.params["Transformer"]["encoderblock_1"]["MoeBlock_3"][
+      "Experts"]
+  assert experts["Dense_0"]["kernel"].sharding.spec == P("expert")
+  assert experts["Dense_0"]["kernel"].shape[0] == 8
+  # The init hook's embedding, frozen by config.optimizer.frozen_params.
+  np.testing.assert_array_equal(result.state.params["embedding"]["kernel"],
+                                initial["embedding"]["kernel"])
+
+  events = train_testing.summaries(workdir)
+  losses = [value for _, value in events["train_loss"]]
+  assert [step for step, _ in events["train_loss"]] == [5, 10, 15, 20]
+  assert losses[-1] < losses[0] - 0.1
+  for name in ("eval_accuracy", "eval_top5", "eval_loss",
+               "eval_encoderblock_1/dropped_fraction",
+               "eval_encoderblock_1/tokens_per_expert_cv",
+               "train_encoderblock_1/support_size", "train_learning_rate",
+               "steps_per_sec"):
+    assert name in events, name
+  assert [step for step, _ in events["eval_accuracy"]] == [10, 20]
+  assert result.eval_metrics["eval_accuracy"] > 0.2
+  assert result.eval_metrics["eval_top5"] >= result.eval_metrics[
+      "eval_accuracy"]
+  assert dict(events["eval_accuracy"])[STEPS] == pytest.approx(
+      result.eval_metrics["eval_accuracy"])
+  assert any(name.startswith("events.out.tfevents.")
+             for name in os.listdir(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+
+  line = trainer.final_line(STEPS, result.eval_metrics, result.wall_s)
+  assert stdout.splitlines()[-1] == line
+  assert line.startswith(
+      f"final: step=20 eval_accuracy={result.eval_metrics['eval_accuracy']:.4f}"
+      " eval_top5=")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_restorable_checkpoint_and_stops(preempted_run):
+  workdir, result, stdout = preempted_run
+  assert result.preempted and result.step == PREEMPT_AT
+  assert "final:" not in stdout
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(PREEMPT_AT)]
+  restored = checkpoints.restore_checkpoint(workdir, result.state)
+  assert restored.step == PREEMPT_AT
+  assert restored.data_state == {"epoch": 0, "index_in_epoch": PREEMPT_AT * 64}
+  train_testing.assert_trees_equal(restored.state, result.state)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_checkpoint_and_equals_the_straight_run(
+    digits_data_dir, straight_run, preempted_run, tmp_path, caplog):
+  straight_dir, straight, _, _ = straight_run
+  workdir = tmp_path / "preempted"
+  shutil.copytree(preempted_run[0], workdir)
+  # A later checkpoint whose files were cut short (e.g. by a full disk).
+  checkpoint_dir = workdir / "checkpoints"
+  shutil.copytree(checkpoint_dir / str(PREEMPT_AT), checkpoint_dir / "9")
+  for root, _, files in os.walk(checkpoint_dir / "9" / "state"):
+    for name in files:
+      os.truncate(os.path.join(root, name), 0)
+
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer.train_and_evaluate(_config(digits_data_dir),
+                                         str(workdir))
+
+  assert any("Skipping unreadable checkpoint" in record.getMessage()
+             and "checkpoints/9" in record.getMessage()
+             for record in caplog.records)
+  assert sorted(os.listdir(checkpoint_dir)) == ["10", "20", "9.unreadable"]
+  assert resumed.step == straight.step == STEPS
+  train_testing.assert_trees_equal(resumed.state, straight.state)
+  assert resumed.eval_metrics == straight.eval_metrics
+  assert resumed.train_metrics == straight.train_metrics
+  ours, theirs = (train_testing.summaries(d) for d in (workdir, straight_dir))
+  for name in ("train_loss", "eval_accuracy", "eval_loss"):
+    assert dict(ours[name])[STEPS] == dict(theirs[name])[STEPS], name
+
+
+def test_nan_loss_stops_with_a_clear_error_before_saving(
+    digits_data_dir, tmp_path, eight_devices):
+  config = train_testing.load_config(
+      "digits_vit.py:runlocal", f"--config.dataset.data_dir={digits_data_dir}",
+      "--config.model.encoder.num_layers=1", "--config.optimizer.name=sgd",
+      "--config.optimizer.learning_rate=1e12")
+  with pytest.raises(train_metrics.NonFiniteLossError,
+                     match=r"The train loss became (nan|inf) at step \d+ "
+                     r"\(learning_rate=.*e\+1\d, grad_norm=.*\); training "
+                     r"stops"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not [name for name in os.listdir(tmp_path / "checkpoints")
+              if name.isdigit()]
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (("--config.dataset.name=no_such_dataset",), FileNotFoundError,
+     r"Dataset 'no_such_dataset' is not prepared in data dir .* \(tfds has no "
+     r"builder code for it\)"),
+    (("--config.mesh.expert=3",), ValueError,
+     r"config.mesh.expert must divide the number of devices \(8\); allowed "
+     r"values: \[1, 2, 4, 8\]; got 3"),
+    (("--config.optimizer.accumulation_steps=3",), ValueError,
+     r"config.total_steps=20 must be a multiple of "
+     r"config.optimizer.accumulation_steps=3"),
+    (("--config.task.loss=hinge",), ValueError,
+     r"config.task.loss must be one of 'softmax_xent', 'sigmoid_xent'; got "
+     r"'hinge'"),
+    (("--config.dataset.batch_size=4",), ValueError,
+     r"batch entry 'image' of shape \(4, 8, 8, 1\): the per-process batch "
+     r"size must be a multiple of the 8 devices"),
+])
+def test_config_errors_are_clear(digits_data_dir, tmp_path, eight_devices,
+                                 overrides, error, message):
+  with pytest.raises(error, match=message):
+    trainer.train_and_evaluate(_config(digits_data_dir, *overrides),
+                               str(tmp_path))
+
+
+def test_missing_data_dir_is_a_clear_error(digits_data_dir, tmp_path,
+                                           eight_devices):
+  config = _config(digits_data_dir, "--config.dataset.name=mnist",
+                   f"--config.dataset.data_dir={tmp_path / 'nowhere'}")
+  with pytest.raises(FileNotFoundError,
+                     match=r"Dataset 'mnist' is not prepared in data dir "
+                     r"'.*nowhere'.*tfds build mnist"):
+    trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
+
+
+def test_unknown_top_level_field_is_an_error(digits_data_dir, tmp_path):
+  config = _config(digits_data_dir)
+  with config.unlocked():
+    config.total_step = 10
+  with pytest.raises(ValueError,
+                     match=r"config has unknown field\(s\) total_step; "
+                     r"allowed fields: seed, total_steps"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_final_line_format():
+  line = trainer.final_line(
+      600, {"eval_accuracy": 0.97222, "eval_top5": 1.0, "eval_loss": 0.10049},
+      93.6)
+  assert line == ("final: step=600 eval_accuracy=0.9722 eval_top5=1.0000 "
+                  "eval_loss=0.100 wall_s=94")
