@@ -317,12 +317,7 @@ def test_noisy_router_metrics_and_noise():
 
 
 def _random_params(module, *inputs, scale=0.5):
-  """Normal(0, scale^2) parameters of the shapes `module.init` would give."""
-  shapes = jax.eval_shape(module.init, KEY, *inputs)["params"]
-  leaves, treedef = jax.tree.flatten(shapes)
-  return jax.tree.unflatten(treedef, [
-      _normal(seed, *leaf.shape, scale=scale)
-      for seed, leaf in enumerate(leaves, start=100)])
+  return nn_test_util.random_params(module, *inputs, key=KEY, scale=scale)
 
 
 def _task_loss(router_config):

@@ -17,16 +17,8 @@ jit = nn_test_util.jit
 _normal = nn_test_util.normal
 
 
-def _random_params(model, *inputs, scale=0.3):
-  """Normal(0, scale^2) parameters of the shapes `model.init` would give.
-
-  Cheaper than `init`, which compiles a forward pass.
-  """
-  shapes = jax.eval_shape(model.init, KEY, *inputs)["params"]
-  leaves, treedef = jax.tree.flatten(shapes)
-  return jax.tree.unflatten(treedef, [
-      _normal(seed, *leaf.shape, scale=scale)
-      for seed, leaf in enumerate(leaves, start=100)])
+def _random_params(module, *inputs, scale=0.3):
+  return nn_test_util.random_params(module, *inputs, key=KEY, scale=scale)
 
 
 def _num_params(tree):
