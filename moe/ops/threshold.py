@@ -98,12 +98,14 @@ def _stats(z, t, k, regularization: float, p: float, magnitude: bool):
   del k
   r = exponent(p)
   d = z - t
-  # Entries within a few ulps of the cap count as partial: the iterates sit
-  # on such a breakpoint (the initial x_(k) - l), and the root lies in the
-  # segment beyond it, where they are partial. F changes by O(eps).
+  # Entries within rounding of the cap count as partial, at most at the cap:
+  # the first iterate sits on such a breakpoint (x_(k) - l, a few ulps
+  # lower), and the root lies in the segment beyond it, where they are
+  # partial. Their clipped d keeps F(t) exact at the breakpoint itself.
   width = cap_width(t, regularization, p, magnitude)
-  capped = d >= width * (1.0 + 16.0 * jnp.finfo(z.dtype).eps)
+  capped = d >= width + 16.0 * jnp.finfo(z.dtype).eps * (jnp.abs(t) + width)
   partial = (d > 0) & ~capped
+  d = jnp.minimum(d, width)
   db = jnp.where(partial, d, 0.0)
   # Both counts in one column, |capped| * (N + 1) + |partial|, while exact.
   base = z.shape[-1] + 1
