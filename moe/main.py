@@ -4,11 +4,15 @@ r"""Trains and evaluates one experiment: the project's only entry point.
   python -m moe.main --config configs/digits_vmoe.py:runlocal \
       --workdir /tmp/moe_digits --config.total_steps=200 \
       --config.model.encoder.moe.router.name=NoisyTopExpertsPerItem
+  python -m moe.main --config configs/digits_ft_vmoe.py \
+      --workdir /tmp/digits_ft --config.init_from.checkpoint=/tmp/digits_vit
 
 `--config` is a Python file with `get_config(arg=None)`; the text after ':'
 is passed as `arg`. `--config.a.b=value` overrides a field; the config is
 locked, so a misspelt field is an error. Running the same command again
-resumes from the checkpoints in `--workdir`. Multi-process jobs (several
+resumes from the checkpoints in `--workdir`; `--config.init_from.checkpoint`
+(a run's workdir or a public ViT `.npz`, see `moe.train.init_from`) sets the
+initial parameters of a run that does not resume. Multi-process jobs (several
 hosts, or `launch/local.sh` on one machine) initialise `jax.distributed`
 from the environment (see `moe.train.multihost`) or with `--multiprocess`.
 A job stopped by SIGTERM saves a checkpoint and exits with status 143

@@ -4,11 +4,14 @@ import os
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe.nn import models
 from moe.nn import transformer
 from moe.train import config_lib
+from moe.train import losses
+from moe.train import tasks
 from moe.train import trainer
 import train_testing
 
@@ -30,8 +33,12 @@ def _num_params(model, image_size, channels=3):
   return sum(x.size for x in jax.tree.leaves(params)), params
 
 
+FINE_TUNING = ("digits_ft_vmoe.py", "cifar100_ft_vit_b16.py")
+
+
 def test_every_config_is_tested():
-  assert set(CONFIGS) == set(FULL_SCALE) | {"digits_vit.py", "digits_vmoe.py"}
+  assert set(CONFIGS) == set(FULL_SCALE) | {"digits_vit.py", "digits_vmoe.py",
+                                             *FINE_TUNING}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -68,7 +75,8 @@ def test_full_scale_configs_follow_the_vmoe_paper(name):
     assert expected in docstring, expected
 
 
-@pytest.mark.parametrize("name", ["digits_vmoe.py", "digits_vit.py"])
+@pytest.mark.parametrize(
+    "name", ["digits_vmoe.py", "digits_vit.py", "digits_ft_vmoe.py"])
 def test_digits_configs_document_command_and_result(name):
   docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
   assert f"python -m moe.main --config configs/{name}" in docstring
@@ -83,6 +91,25 @@ def test_digits_vmoe_and_vit_differ_only_in_the_moe():
   assert vmoe == vit
   assert (moe["num_experts"], moe["num_selected_experts"], moe["layers"],
           moe["router"]["name"]) == (8, 2, "every_2", "SparseTopK")
+
+
+def test_loss_preset_makes_every_loss_option_an_override():
+  config = train_testing.load_config(
+      "digits_ft_vmoe.py:loss=topk_xent,runlocal",
+      "--config.task.loss_options.p=2.0",
+      "--config.task.loss_options.topk_weights=(0.25, 0.75)")
+  task = tasks.create_task(config)
+  assert task.loss == "topk_xent"
+  assert dict(task.loss_options) == {
+      "topk_weights": (0.25, 0.75), "regularization": 1.0, "p": 2.0,
+      "epsilon": 1e-7}
+  logits = jnp.array([[2.0, 1.0, -1.0]])
+  labels = jnp.array([[0.0, 1.0, 0.0]])
+  np.testing.assert_allclose(
+      task.loss_fn(logits, labels),
+      losses.topk_xent(logits, labels, topk_weights=(0.25, 0.75), p=2.0))
+  with pytest.raises(flags.Error, match="loss must be one of .* got 'hinge'"):
+    train_testing.load_config("digits_ft_vmoe.py:loss=hinge")
 
 
 def test_router_is_one_override_and_presets_parse():
@@ -138,3 +165,36 @@ def test_imagenet_pp_and_runlocal():
   config = train_testing.load_config("imagenet21k_vmoe_b32.py:runlocal")
   assert config.dataset.eval_split == "full[:64]"
   assert (config.total_steps, config.mesh.expert) == (10, 1)
+
+
+def test_fine_tuning_configs_start_from_a_checkpoint():
+  digits = train_testing.load_config("digits_ft_vmoe.py")
+  assert digits.init_from.checkpoint == "/tmp/digits_vit"
+  assert digits.model.encoder.moe.router.name == "SparseTopK"
+  vmoe = train_testing.load_config("digits_vmoe.py")
+  assert digits.model.encoder.moe.num_experts == (
+      vmoe.model.encoder.moe.num_experts)
+  docstring = open(os.path.join(train_testing.CONFIGS,
+                                "digits_ft_vmoe.py")).read()
+  assert docstring.index("--config configs/digits_vit.py") < docstring.index(
+      "--config configs/digits_ft_vmoe.py")
+
+  cifar = train_testing.load_config("cifar100_ft_vit_b16.py")
+  model = models.build_model(cifar.model)
+  assert (model.hidden_size, model.patch_shape, model.num_classes,
+          model.encoder["moe"]) == (768, (16, 16), 100, None)
+  assert cifar.init_from.checkpoint.endswith("ViT-B_16.npz")
+  assert (cifar.optimizer.name, cifar.optimizer.momentum,
+          cifar.optimizer.grad_clip_norm, cifar.optimizer.weight_decay) == (
+              "sgd", 0.9, 1.0, 0.0)
+  accumulation = cifar.optimizer.accumulation_steps
+  assert cifar.dataset.batch_size * accumulation == 512
+  assert cifar.total_steps // accumulation == 10_000
+  assert "random_crop(384)" in cifar.dataset.pp_train
+  docstring = open(os.path.join(train_testing.CONFIGS,
+                                "cifar100_ft_vit_b16.py")).read()
+  for expected in ("python -m moe.main --config configs/cifar100_ft_vit_b16.py",
+                   "Expected", "TPU", "runlocal"):
+    assert expected in docstring, expected
+  assert train_testing.load_config(
+      "cifar100_ft_vit_b16.py:runlocal").init_from.checkpoint is None

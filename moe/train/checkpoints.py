@@ -24,17 +24,23 @@ Typical use in a trainer:
   ...
   ckpt.save(step, state, data_state, force=step == total_steps)
   ckpt.close()
+
+`restore_checkpoint(path, abstract_state)` and `restore_params(path)` read a
+checkpoint given as a workdir, its checkpoint directory or a step directory;
+the latter reads only the parameters, as numpy arrays with their saved
+shapes, for initialising another run (`moe.train.init_from`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
 from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
@@ -48,6 +54,7 @@ BEST_MODES = ("max", "min")
 UNREADABLE_SUFFIX = ".unreadable"
 
 PyTree = Any
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +246,67 @@ class Checkpointer:
     Raises:
       CheckpointError: if steps exist but none of them can be read.
     """
+    return self.latest_readable(
+        lambda step: self.restore(step, abstract_state, with_data_state),
+        set_aside_unreadable)
+
+  def restore_params(self, step: int) -> PyTree:
+    """Restores only the parameters of `step`, as host numpy arrays.
+
+    Nothing about the run that saved them is needed: shapes and dtypes come
+    from the checkpoint's metadata, and the optimizer state, step and rng are
+    not read (the saving run may have used another optimizer). Every process
+    reads the whole arrays.
+
+    Args:
+      step: a saved step.
+
+    Returns:
+      The `params` subtree of the saved train state, numpy arrays with their
+      saved shapes and dtypes.
+
+    Raises:
+      CheckpointError: if the step is not saved, cannot be read or holds no
+        `params`.
+    """
+    if step not in self.all_steps():
+      raise CheckpointError(
+          f"no checkpoint of step {step} in {self.directory}; saved steps: "
+          f"{self.all_steps()}.")
+    state_dir = self.directory / str(step) / STATE_ITEM
+    try:
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(state_dir).item_metadata
+        if "params" not in metadata:
+          raise CheckpointError(
+              f"the checkpoint {state_dir} holds no 'params' (its top-level "
+              f"entries: {sorted(metadata)}).")
+        target = {"params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+            metadata["params"])}
+        restore_args = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise many error types.
+      raise CheckpointError(
+          f"cannot restore the parameters of {self.directory / str(step)}: "
+          f"{type(e).__name__}: {e}") from e
+    return restored["params"]
+
+  def latest_readable(self, restore_step: Callable[[int], T],
+                      set_aside_unreadable: bool = False) -> T | None:
+    """Returns `restore_step(step)` for the most recent readable step.
+
+    Unreadable steps are skipped as in `restore_latest`, whose arguments and
+    errors these are; `restore_step` raises `CheckpointError` for them.
+    """
     errors, unreadable = [], []
     for step in reversed(self.all_steps()):
       try:
-        restored = self.restore(step, abstract_state, with_data_state)
+        restored = restore_step(step)
       except CheckpointError as e:
         logging.warning("Skipping unreadable checkpoint: %s", e)
         errors.append(str(e))
@@ -303,18 +367,46 @@ def restore_checkpoint(path: os.PathLike | str, abstract_state: PyTree,
   Raises:
     CheckpointError: if `path` does not exist or holds no readable checkpoint.
   """
+  return _restore_from_path(
+      path, lambda checkpointer, step: checkpointer.restore(
+          step, abstract_state, with_data_state))
+
+
+def restore_params(path: os.PathLike | str) -> PyTree:
+  """Restores only the parameters of a checkpoint, as host numpy arrays.
+
+  For initialising another run (fine-tuning): see
+  `Checkpointer.restore_params`.
+
+  Args:
+    path: a run's WORKDIR, its WORKDIR/checkpoints (both: the latest readable
+      step), or one step directory WORKDIR/checkpoints/<step>.
+
+  Returns:
+    The saved `params` tree of numpy arrays.
+
+  Raises:
+    CheckpointError: if `path` does not exist or holds no readable checkpoint.
+  """
+  return _restore_from_path(
+      path, lambda checkpointer, step: checkpointer.restore_params(step))
+
+
+def _restore_from_path(path: os.PathLike | str,
+                       restore_step: Callable[["Checkpointer", int], T]) -> T:
+  """Calls `restore_step` on the step that a workdir, checkpoint or step
+  directory designates (for a directory of steps: the latest readable)."""
   path = epath.Path(path)
   if not path.exists():
     raise CheckpointError(f"checkpoint path {path} does not exist.")
   if (path / STATE_ITEM).exists() and path.name.isdigit():
-    checkpointer = Checkpointer(path.parent, read_only=True)
-    with checkpointer:
-      return checkpointer.restore(int(path.name), abstract_state,
-                                  with_data_state)
+    with Checkpointer(path.parent, read_only=True) as checkpointer:
+      return restore_step(checkpointer, int(path.name))
   if (path / CHECKPOINT_SUBDIR).is_dir():
     path = path / CHECKPOINT_SUBDIR
   with Checkpointer(path, read_only=True) as checkpointer:
-    restored = checkpointer.restore_latest(abstract_state, with_data_state)
+    restored = checkpointer.latest_readable(
+        lambda step: restore_step(checkpointer, step))
   if restored is None:
     raise CheckpointError(
         f"{path} holds no checkpoint: expected a workdir, its "

@@ -6,7 +6,9 @@
      and model), the optimizer (`config.optimizer`) and the state layout;
   2. resumes from the latest readable checkpoint in WORKDIR/checkpoints
      (train state and data position), or initialises a fresh state (then
-     `init_params_fn`, the fine-tuning hook, may replace the parameters);
+     `init_params_fn`, the fine-tuning hook, may replace the parameters;
+     `config.init_from.checkpoint` builds that hook, see
+     `moe.train.init_from`);
   3. runs the jitted train step until `config.total_steps`, writing train
      metrics every `config.logging.every_steps`, evaluating every
      `config.evaluation.every_steps` and saving checkpoints as
@@ -29,6 +31,7 @@ Config fields read here (besides the sections of the other modules):
     total_steps / A updates.
   evaluation: `EvaluationConfig`.
   logging: `LoggingConfig`.
+  init_from: `moe.train.init_from.InitFromConfig` (fine-tuning).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import ml_collections
 from moe.train import checkpoints
 from moe.train import config_fields
 from moe.train import evaluation
+from moe.train import init_from
 from moe.train import metrics_writing
 from moe.train import multihost
 from moe.train import optimizers
@@ -55,7 +59,8 @@ from moe.train import train_state
 
 # Top-level config fields; each section is documented by the module reading it.
 CONFIG_FIELDS = ("seed", "total_steps", "dataset", "model", "task",
-                 "optimizer", "mesh", "checkpoint", "evaluation", "logging")
+                 "optimizer", "mesh", "checkpoint", "evaluation", "logging",
+                 "init_from")
 
 Hook = Callable[[int, train_state.TrainState], None]
 
@@ -177,6 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     task: the task to run; default `tasks.create_task(config)`.
     init_params_fn: applied to the fresh parameters of a run that does not
       resume (fine-tuning from a checkpoint); see `train_state.InitParamsFn`.
+      Default: the one `config.init_from` describes (none without a
+      checkpoint); giving both is an error.
     hooks: called as `hook(step, state)` after every train step.
 
   Returns:
@@ -184,6 +191,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start_time = time.monotonic()
   loop = LoopConfig.from_config(config)
+  config_init_fn = init_from.create_init_params_fn(config.get("init_from"))
+  if config_init_fn is not None and init_params_fn is not None:
+    raise ValueError("train_and_evaluate: pass init_params_fn or set "
+                     "config.init_from.checkpoint, not both.")
+  init_params_fn = init_params_fn or config_init_fn
   mesh_config = partitioning.MeshConfig.from_config(config.get("mesh"))
   mesh = partitioning.create_mesh(mesh_config.expert)
   task = tasks.create_task(config) if task is None else task
@@ -248,7 +260,9 @@ def _resume_or_start(
                  checkpointer.directory)
     state = layout.initialize(seed, init_params_fn)
     return state, itertools.chain([first_batch], train_iter)
-  logging.info("Resuming from the checkpoint of step %d.", restored.step)
+  logging.info("Resuming from the checkpoint of step %d%s.", restored.step,
+               "" if init_params_fn is None else
+               " (config.init_from applies to fresh starts only)")
   train_iter.set_state(restored.data_state)
   return restored.state, train_iter
 
