@@ -13,7 +13,6 @@ Usage (prints a markdown table):
   python experiments/bench_train.py [--setups=digits_vmoe,vmoe_s16]
       [--steps=N] [--router=NoisyTopExpertsPerItem]
 """
-import importlib.util
 import os
 import time
 
@@ -28,6 +27,8 @@ from moe.train import partitioning
 from moe.train import tasks
 from moe.train import train_state
 
+import training_runs
+
 _SETUPS = flags.DEFINE_list("setups", ["digits_vmoe", "vmoe_s16"],
                             "Setups to time.")
 _STEPS = flags.DEFINE_integer("steps", 0,
@@ -35,24 +36,14 @@ _STEPS = flags.DEFINE_integer("steps", 0,
 _ROUTER = flags.DEFINE_string(
     "router", None, "Router of the MoE layers; default: the config's.")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # setup: (image shape, batch size, default timed steps)
 SHAPES = {"digits_vmoe": ((8, 8, 1), 128, 100), "vmoe_s16": ((224, 224, 3),
                                                              64, 3)}
 
 
-def _digits_config():
-  """Returns `get_config()` of configs/digits_vmoe.py, loaded by path."""
-  path = os.path.join(REPO, "configs", "digits_vmoe.py")
-  spec = importlib.util.spec_from_file_location("digits_vmoe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _config(setup):
   """Returns the experiment config of a setup."""
-  config = _digits_config()
+  config = training_runs.load_config("digits_vmoe.py")
   if setup == "vmoe_s16":
     moe = config_lib.moe_config(8, 2, layers="every_2", group_size=8 * 197)
     config.model = config_lib.vit_model("S/16", 1000, moe=moe)

@@ -12,55 +12,38 @@ whole when |x_i| >= γ (1 + λ): exactly 0 on [1.6, 8/3], saturated on
 [0.375, 0.625], derivative jumps by (1 + λ)/λ; with p = 4/3 the curve is
 saturated at s = 5 (x_3 = 4 >= γ + λ γ^(1/3) at γ = 3).
 """
-import importlib
-import json
 import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe import ops
+import experiments_testing
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 LAMBDA = 0.6
 NUM_POINTS = 51
 STEP = 5.0 / (NUM_POINTS - 1)
 P = {"hard": None, "p=2": 2.0, "p=4/3": 4 / 3}
 
 
-def _import(name: str):
-  sys.path.insert(0, str(EXPERIMENTS))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(EXPERIMENTS))
-
-
 @pytest.fixture(scope="module")
 def fig_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("fig_operator")
-  paths = _import("fig_operator").main(["--out", str(out), "--num-points",
-                             str(NUM_POINTS), "--regularization", str(LAMBDA)])
-  return json.loads(pathlib.Path(paths["results.json"]).read_text()), paths
+  paths = experiments_testing.import_script("fig_operator").main([
+      "--out", str(out), "--num-points", str(NUM_POINTS), "--regularization",
+      str(LAMBDA)])
+  return experiments_testing.read_outputs(paths, ["fig_operator.png"]), paths
 
 
 @pytest.fixture(scope="module")
 def bench_results(tmp_path_factory):
-  bench = _import("bench_dykstra")
+  bench = experiments_testing.import_script("bench_dykstra")
   out = tmp_path_factory.mktemp("bench_dykstra")
   paths = bench.main(["--out", str(out), "--sizes", "1000", "--batched-sizes",
                       "32", "--batch-size", "4", "--iterations", "10", "100",
                       "500"])
-  return json.loads(pathlib.Path(paths["results.json"]).read_text()), paths
-
-
-def _assert_pngs(paths):
-  pngs = [pathlib.Path(p) for name, p in paths.items() if name.endswith(".png")]
-  assert pngs
-  for png in pngs:
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+  return experiments_testing.read_outputs(paths, ["time_vs_n.png", "error_vs_n.png"]), paths
 
 
 def _direct(op, s, p):
@@ -97,7 +80,6 @@ def test_fig_operator_writes_every_field(fig_results):
       assert set(results["derivative_jumps"][kind][method]) == {
           "max_jump", "at_s", "max_jump_10x_finer", "at_s_10x_finer"}
   assert "exactly 0 on" in pathlib.Path(paths["results.md"]).read_text()
-  _assert_pngs(paths)
 
 
 @pytest.mark.parametrize("op", ["mask", "magnitude"])
@@ -181,9 +163,6 @@ def test_fig_operator_derivative_jumps(fig_results):
 def test_bench_dykstra_writes_fields_and_errors_decrease(bench_results):
   results, paths = bench_results
   assert set(results) == {"config", "rows", "runtime_seconds"}
-  _assert_pngs(paths)
-  assert {"results.json", "results.md", "time_vs_n.png",
-          "error_vs_n.png"} <= set(paths)
   fields = {"operator", "layout", "rows", "n", "k", "solver", "num_iter",
             "time_ms", "timed_runs", "max_abs_error"}
   cases = {}

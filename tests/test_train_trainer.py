@@ -190,8 +190,8 @@ def test_nan_loss_stops_with_a_clear_error_before_saving(
      r"config.total_steps=20 must be a multiple of "
      r"config.optimizer.accumulation_steps=3"),
     (("--config.task.loss=hinge",), ValueError,
-     r"config.task.loss must be one of 'softmax_xent', 'sigmoid_xent'; got "
-     r"'hinge'"),
+     r"config.task.loss must be one of 'softmax_xent', 'sigmoid_xent', "
+     r"'topk_xent'; got 'hinge'"),
     (("--config.dataset.batch_size=4",), ValueError,
      r"batch entry 'image' of shape \(4, 8, 8, 1\): the per-process batch "
      r"size must be a multiple of the 8 devices"),

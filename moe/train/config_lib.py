@@ -21,6 +21,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe import data
+from moe.train import init_from
+from moe.train import losses
 
 EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
 _TRUE = ("1", "true", "yes")
@@ -207,6 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=1000, model_overrides=ml_collections.ConfigDict()))
   config.logging = ml_collections.ConfigDict(dict(
       every_steps=100, progress_every_secs=60.0, profile=False))
+  config.init_from = ml_collections.ConfigDict(dict(
+      checkpoint=config_dict.placeholder(str),
+      rules=init_from.DEFAULT_RULES, reinit=()))
   return config
 
 
@@ -256,6 +261,32 @@ def digits_config(moe: ml_collections.ConfigDict | None = None, *,
   return config
 
 
+def set_loss(config: ml_collections.ConfigDict, name: str) -> None:
+  """Sets the loss and all its options at their defaults, in place.
+
+  `config.task.loss = name` alone uses the loss's default options; with
+  this, every option (`config.task.loss_options.<option>`) also exists in the
+  config and can be overridden on the command line of a locked config.
+
+  Args:
+    config: the experiment config.
+    name: a key of `moe.train.losses.LOSSES`, e.g. "topk_xent".
+  """
+  config.task.loss = name
+  config.task.loss_options = ml_collections.ConfigDict(
+      losses.default_loss_options(name))
+
+
+def labels_pp(num_classes: int) -> str:
+  """Returns the end of a classification preprocessing string.
+
+  Pixels from [0, 255] to [-1, 1], one-hot `labels` of `num_classes`, and
+  only the `image` and `labels` features kept.
+  """
+  return (f"value_range(-1, 1)|onehot({num_classes}, key_result='labels')"
+          f"|keep('image', 'labels')")
+
+
 def imagenet_pp(num_classes: int, image_size: int = 224) -> tuple[str, str]:
   """Returns the (train, eval) preprocessing of the V-MoE ImageNet recipes.
 
@@ -270,8 +301,7 @@ def imagenet_pp(num_classes: int, image_size: int = 224) -> tuple[str, str]:
   Returns:
     The two preprocessing strings.
   """
-  common = (f"value_range(-1, 1)|onehot({num_classes}, key_result='labels')"
-            f"|keep('image', 'labels')")
+  common = labels_pp(num_classes)
   train = f"decode_jpeg_and_inception_crop({image_size})|flip_lr|{common}"
   evaluation = (f"decode|resize({image_size * 8 // 7})|"
                 f"central_crop({image_size})|{common}")

@@ -147,6 +147,9 @@ class ClassificationTask:
     aux_loss_weight: weight of the model's `auxiliary_loss`.
     inputs_key: batch entry fed to the model.
     labels_key: batch entry holding `[B, C]` one-hot or multi-hot labels.
+    loss_options: the loss's options (`moe.train.losses.create_loss`), e.g.
+      `{"topk_weights": (0.5, 0, 0, 0, 0.5)}` for "topk_xent"; empty: its
+      defaults.
   """
   model: nn.Module
   eval_model: nn.Module
@@ -156,15 +159,19 @@ class ClassificationTask:
   aux_loss_weight: float = 0.01
   inputs_key: str = "image"
   labels_key: str = "labels"
+  loss_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    config_fields.check_choice(self.loss, "config.task.loss",
-                               tuple(losses.LOSSES))
+    losses.create_loss(self.loss, self.loss_options)  # Checks name, options.
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f"config.task.label_smoothing must be in [0, 1), got "
                        f"{self.label_smoothing!r}.")
     config_fields.check_number(self.aux_loss_weight,
                                "config.task.aux_loss_weight")
+
+  def loss_fn(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example losses `[B]` of the configured loss and options."""
+    return losses.create_loss(self.loss, self.loss_options)(logits, labels)
 
   def make_train_iterator(self) -> data_lib.TrainIterator:
     return data_lib.make_train_iterator(self.dataset)
@@ -186,7 +193,7 @@ class ClassificationTask:
     targets = labels
     if self.label_smoothing:
       targets = optax.smooth_labels(labels, self.label_smoothing)
-    task_loss = jnp.mean(losses.LOSSES[self.loss](logits, targets))
+    task_loss = jnp.mean(self.loss_fn(logits, targets))
     loss = task_loss + self.aux_loss_weight * model_metrics["auxiliary_loss"]
     return loss, {
         **scalar_model_metrics(model_metrics),
@@ -207,7 +214,7 @@ class ClassificationTask:
     metrics = {name: clu_metrics.Average.from_model_output(value)
                for name, value in scalar_model_metrics(model_metrics).items()}
     metrics.update(
-        loss=per_example(losses.LOSSES[self.loss](logits, labels)),
+        loss=per_example(self.loss_fn(logits, labels)),
         accuracy=per_example(topk_correct(logits, labels, 1)),
         top5=per_example(topk_correct(logits, labels, 5)))
     return metrics
