@@ -31,8 +31,11 @@ and passed as `--config.init_from.checkpoint=/path/ViT-B_16.npz`):
 
 Expected (from google-research/vision_transformer, same recipe, two runs on
 8 V100 GPUs): 92.26% and 92.64% top-1 on the CIFAR-100 test set, 7.2 h and
-7.5 h. Not run here (no data, no accelerator); on a TPU v3-8 expect the same
-order of time, i.e. roughly 30 chip-hours (4 chips x 7 h). Shorter schedules
+7.5 h. Not run here (no data, no accelerator). Cost (estimate): about 10-30
+TPUv3 chip-hours: 1.7 EFLOP (110 GFLOP forward per 384 px image, x3 for
+training, x 10k updates x 512 images) at 20-38 % of peak gives 10-20; the
+V100 time above, on a v3-8 (4 chips of about the same peak as 2 V100s),
+gives about 30. Shorter schedules
 trade accuracy for time: the same repository reports 91.15% after 1,000
 updates (100 warmup), `--config.total_steps=8000
 --config.optimizer.schedule.warmup_steps=100` with the default accumulation.

@@ -12,6 +12,9 @@ router is SparseTopK; switch with
 
 Hardware: a Cloud TPU v3-8 (mesh 1 data x 8 expert partitions) or one GPU
 with `--config.mesh.expert=1`.
+Cost (estimate): about 1-4 TPUv3 chip-hours: about 13 GFLOP per training
+image (65 tokens, 8 blocks, K=2 experts in 4 of them) x 200 epochs of 50k
+images = 0.13 EFLOP, at 8-38 % of peak.
 
 Command (dataset prepared with `tfds build cifar10` in $TFDS_DATA_DIR):
 

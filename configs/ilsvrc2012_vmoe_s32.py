@@ -12,6 +12,8 @@ router; `--config.model.encoder.moe.router.name=NoisyTopExpertsPerItem` is
 the paper's router (add `--config.model.encoder.moe.router.noise_std=1.0`).
 
 Hardware: Cloud TPU v3-32 (32 cores; mesh 4 data x 8 expert partitions).
+Cost: about 93 TPUv3 chip-hours per run (5h50m on a v3-32 = 16 chips, see
+Expected; launch/README.md converts to other chips).
 
 Command (ImageNet prepared once with `tfds build imagenet2012` in
 $TFDS_DATA_DIR; on a TPU pod slice run it on every host, see launch/):

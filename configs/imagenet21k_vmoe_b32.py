@@ -12,6 +12,10 @@ the SparseTopK router; `--config.model.encoder.moe.router.name=
 NoisyTopExpertsPerItem` (with `...router.noise_std=1.0`) is the paper's.
 
 Hardware: Cloud TPU v3-256 or larger (expert partitions: 8).
+Cost (estimate, no published run): about 0.3-1.3 k TPUv3 chip-hours per 100
+epochs, so 0.8-3.6 k for the 274 epochs here (950k steps of 4096 images):
+V-MoE-B/32 with E=8, K=2 on every other block costs about 34 GFLOP per
+training image at 224 px, at 8-38 % of peak (launch/README.md).
 
 Command (dataset prepared with `tfds build imagenet21k` in $TFDS_DATA_DIR):
 
