@@ -16,8 +16,8 @@
   4. on SIGTERM, saves a checkpoint of the current step and returns early;
   5. prints, on process 0, the summary line
      `final: step=N eval_accuracy=A eval_top5=B eval_loss=L wall_s=W`, e.g.
-     `final: step=1000 eval_accuracy=0.9611 eval_top5=0.9944 eval_loss=0.197
-     wall_s=136` (accuracies with 4 decimals, loss with 3, seconds rounded).
+     `final: step=1000 eval_accuracy=0.9528 eval_top5=1.0000 eval_loss=0.189
+     wall_s=115` (accuracies with 4 decimals, loss with 3, seconds rounded).
 
 A restarted run resumes by itself and produces the same parameters and
 metrics as one that never stopped. A NaN or infinite train loss stops the
