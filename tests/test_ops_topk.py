@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moe import ops
+from moe.ops import threshold
 import topk_reference as ref
 
 P_VALUES = (4 / 3, 1.5, 2.0, 3.0)
@@ -85,6 +86,20 @@ def test_float32_matches_float64_on_router_shapes():
     with x64():
       y64 = np.asarray(ops.topk_mask(jnp.asarray(x), 2, p=p))
     np.testing.assert_allclose(y32, y64, atol=2e-5)
+
+
+@pytest.mark.parametrize("p, max_passes", [(2.0, 4), (4 / 3, 3)])
+def test_router_rows_take_few_solver_passes(p, max_passes):
+  # The first iterate sits a few ulps below the breakpoint x_(k) - l; the
+  # first closed-form step must treat x_(k) as partial there, or a third of
+  # the rows need fallback steps (5 passes, 1.5x the time of 3).
+  x = jnp.asarray(_rows(0, (4096, 32)), jnp.float32)
+  for regularization in (0.01, 0.1):
+    t, passes = threshold.solve_threshold_counting_passes(
+        x, 2, regularization, p, magnitude=False)
+    assert int(passes) <= max_passes, (regularization, int(passes))
+    np.testing.assert_array_equal(
+        t, threshold.solve_threshold(x, 2, regularization, p, False))
 
 
 def test_magnitude_large_n_support_is_a_top_set():

@@ -213,6 +213,13 @@ def _initial_bracket(z, k: int, regularization: float, magnitude: bool):
 
 def solve_threshold(z, k: int, regularization: float, p: float,
                     magnitude: bool):
+  """Solves F(t) = k row by row; `solve_threshold_counting_passes` says how."""
+  return solve_threshold_counting_passes(z, k, regularization, p,
+                                         magnitude)[0]
+
+
+def solve_threshold_counting_passes(z, k: int, regularization: float,
+                                    p: float, magnitude: bool):
   """Solves F(t) = k row by row (see the module docstring).
 
   Args:
@@ -223,9 +230,10 @@ def solve_threshold(z, k: int, regularization: float, p: float,
     magnitude: solve the top-k-in-magnitude equation instead of the mask one.
 
   Returns:
-    t: [..., 1], the threshold τ (mask) or block value γ (magnitude); NaN on
-    rows with a non-finite entry. Not differentiable by itself: `topk.py`
-    wraps it in a custom JVP.
+    (t, passes): t [..., 1], the threshold τ (mask) or block value γ
+    (magnitude), NaN on rows with a non-finite entry; passes, the number of
+    solver passes over the data (after the bracket), the same for all rows.
+    Not differentiable by itself: `topk.py` wraps it in a custom JVP.
   """
   r = exponent(p)
   lo, hi = _initial_bracket(z, k, regularization, magnitude)
@@ -299,5 +307,5 @@ def solve_threshold(z, k: int, regularization: float, p: float,
 
   init = (t, lo, hi, (unknown, unknown, jnp.zeros_like(done)), done,
           jnp.int32(0))
-  t = jax.lax.while_loop(cond, body, init)[0]
-  return jnp.where(finite, t, jnp.nan)
+  final = jax.lax.while_loop(cond, body, init)
+  return jnp.where(finite, final[0], jnp.nan), final[-1]
