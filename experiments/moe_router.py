@@ -137,15 +137,6 @@ def run_config(args, router: str, seed: int):
   return config
 
 
-def summarize(per_seed: list[dict]) -> dict:
-  """{metric: {mean, std, num_seeds, per_seed}} over the seeds of a router."""
-  summary = {}
-  for key in per_seed[0]:
-    values = [run[key] for run in per_seed]
-    summary[key] = results_io.mean_std(values) | {"per_seed": values}
-  return summary
-
-
 def run_all(args) -> tuple[dict, dict]:
   """Trains every router for every seed; returns (summaries, setup)."""
   summaries, setup = {}, {}
@@ -170,7 +161,7 @@ def run_all(args) -> tuple[dict, dict]:
       print(f"{router} seed {seed}: accuracy {per_seed[-1]['accuracy']:.4f}, "
             f"{per_seed[-1]['step_ms']:.1f} ms/step, "
             f"{result.wall_s:.0f} s", flush=True)
-    summaries[router] = summarize(per_seed)
+    summaries[router] = results_io.summarize_seeds(per_seed)
   return summaries, setup
 
 

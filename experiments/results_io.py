@@ -102,6 +102,23 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
   return {"mean": float(array.mean()), "std": std, "num_seeds": int(array.size)}
 
 
+def summarize_seeds(per_seed: Sequence[Mapping[str, float]]
+                    ) -> dict[str, dict[str, Any]]:
+  """Per metric: `mean_std` of its values over the seeds, plus the values.
+
+  Args:
+    per_seed: one {metric: value} dict per seed, all with the same metrics.
+
+  Returns:
+    {metric: {"mean", "std", "num_seeds", "per_seed"}}.
+  """
+  summary = {}
+  for key in per_seed[0]:
+    values = [run[key] for run in per_seed]
+    summary[key] = mean_std(values) | {"per_seed": values}
+  return summary
+
+
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
   """'mean ± std' over seeds, e.g. '0.912 ± 0.004'.
 

@@ -235,10 +235,7 @@ def run_all(args) -> dict:
                         {"wall_s": result.wall_s})
         print(f"{loss} seed {seed}: top-1 {per_seed[-1]['top1']:.4f}, top-5 "
               f"{per_seed[-1]['top5']:.4f}", flush=True)
-      results["losses"][loss] = {
-          key: results_io.mean_std([run[key] for run in per_seed]) |
-          {"per_seed": [run[key] for run in per_seed]}
-          for key in per_seed[0]}
+      results["losses"][loss] = results_io.summarize_seeds(per_seed)
     results["finetune_steps"] = config.total_steps
   return results
 

@@ -42,6 +42,15 @@ def test_mean_std(results_io):
     results_io.mean_std([])
 
 
+def test_summarize_seeds(results_io):
+  summary = results_io.summarize_seeds([{"top1": 0.9, "ms": 10.0},
+                                        {"top1": 0.8, "ms": 30.0}])
+  assert set(summary) == {"top1", "ms"}
+  assert summary["ms"] == {"mean": 20.0, "std": pytest.approx(14.142136),
+                           "num_seeds": 2, "per_seed": [10.0, 30.0]}
+  assert summary["top1"]["mean"] == pytest.approx(0.85)
+
+
 def test_markdown_table_aligns_numeric_columns(results_io):
   table = results_io.markdown_table(
       ["name", "value", "time"], [["a", 1.23456, "3.5*"], ["b", None, "-"]])
