@@ -5,7 +5,7 @@ google-research/vision_transformer (`vit_jax/configs/common.py`, cifar100):
 ViT-B/16 (12 blocks, D=768, MLP 3072, 12 heads) initialised from the public
 ImageNet-21k checkpoint `ViT-B_16.npz`; the pre-training head and
 pre-logits are dropped and the new 100-class head starts at zero
-(`moe.train.init_from`: transform "new_head"; `pre_logits` is listed as
+(`moe.checkpoints.init_from`: transform "new_head"; `pre_logits` is listed as
 unused); the 14x14 grid of position embeddings (224 px) is resized
 bilinearly to 24x24 (384 px), the class token kept. Training: `train[:98%]`,
 resize to 448 then random 384 crop and flip, pixels in [-1, 1]; evaluation
@@ -50,7 +50,7 @@ steps of 16 images: a smoke test of the pipeline on a host with the
 dataset), `accumulation=A` (micro-batches per update; the batch of an update
 stays 512), `loss=NAME` (default softmax_xent).
 """
-from moe.train import config_lib
+from moe.config import recipes
 
 NUM_CLASSES = 100
 BATCH_SIZE = 512
@@ -69,24 +69,24 @@ def get_config(arg=None):
   Returns:
     The experiment config.
   """
-  arg = config_lib.parse_arg(arg, runlocal=False, accumulation=8,
-                             loss="softmax_xent")
+  arg = recipes.parse_arg(arg, runlocal=False, accumulation=8,
+                          loss="softmax_xent")
   if arg.accumulation < 1 or BATCH_SIZE % arg.accumulation:
     raise ValueError(f"accumulation must divide the batch {BATCH_SIZE}, got "
                      f"{arg.accumulation}.")
-  config = config_lib.base_config()
+  config = recipes.base_config()
   config.dataset.name = "cifar100"
   config.dataset.train_split = "train[:98%]"
   config.dataset.eval_split = "test"
-  common = config_lib.labels_pp(NUM_CLASSES)
+  common = recipes.labels_pp(NUM_CLASSES)
   config.dataset.pp_train = (f"decode|resize({IMAGE_SIZE * 7 // 6})|"
                              f"random_crop({IMAGE_SIZE})|flip_lr|{common}")
   config.dataset.pp_eval = f"decode|resize({IMAGE_SIZE})|{common}"
   config.dataset.batch_size = BATCH_SIZE // arg.accumulation
   config.dataset.eval_batch_size = BATCH_SIZE
 
-  config.model = config_lib.vit_model("B/16", NUM_CLASSES)
-  config_lib.set_loss(config, arg.loss)
+  config.model = recipes.vit_model("B/16", NUM_CLASSES)
+  recipes.set_loss(config, arg.loss)
   config.init_from.checkpoint = VIT_B16_I21K
 
   config.total_steps = UPDATES * arg.accumulation
@@ -103,7 +103,7 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 1_000 * arg.accumulation
   config.logging.every_steps = 50 * arg.accumulation
   if arg.runlocal:
-    config_lib.make_runlocal(config)
+    recipes.make_runlocal(config)
     config.init_from.checkpoint = None
     config.optimizer.accumulation_steps = 1
   return config

@@ -30,7 +30,7 @@ here.
 
 Presets: `runlocal` (a 2-block model, 10 steps of 16 images, 64 eval images).
 """
-from moe.train import config_lib
+from moe.config import recipes
 
 NUM_CLASSES = 10
 BATCH_SIZE = 1024
@@ -39,23 +39,22 @@ TRAIN_IMAGES = 50_000
 
 def get_config(arg=None):
   """Returns the config; `arg`: `runlocal`."""
-  arg = config_lib.parse_arg(arg, runlocal=False)
-  config = config_lib.base_config()
+  arg = recipes.parse_arg(arg, runlocal=False)
+  config = recipes.base_config()
   config.dataset.name = "cifar10"
   config.dataset.train_split = "train"
   config.dataset.eval_split = "test"
-  common = (f"value_range(-1, 1)|onehot({NUM_CLASSES}, key_result='labels')"
-            f"|keep('image', 'labels')")
+  common = recipes.labels_pp(NUM_CLASSES)
   config.dataset.pp_train = f"decode|flip_lr|{common}"
   config.dataset.pp_eval = f"decode|{common}"
   config.dataset.batch_size = BATCH_SIZE
   config.dataset.eval_batch_size = 1000
 
-  router = config_lib.router_config("SparseTopK", capacity_factor=1.05,
-                                    eval_capacity_factor=2.0)
-  moe = config_lib.moe_config(8, 2, layers="every_2", group_size=8 * 65,
-                              router=router)
-  config.model = config_lib.vit_model(
+  router = recipes.router_config("SparseTopK", capacity_factor=1.05,
+                                 eval_capacity_factor=2.0)
+  moe = recipes.moe_config(8, 2, layers="every_2", group_size=8 * 65,
+                           router=router)
+  config.model = recipes.vit_model(
       "S/4", NUM_CLASSES, hidden_size=512, num_layers=8, mlp_dim=2048,
       num_heads=8, moe=moe)
   config.total_steps = 200 * TRAIN_IMAGES // BATCH_SIZE
@@ -65,11 +64,13 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.1
   config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule.name = "warmup_cosine"
   config.optimizer.schedule.warmup_steps = 1_000
   config.mesh.expert = 8
+  config.mesh.partition_rules = recipes.EXPERT_PARTITION_RULES
   config.evaluation.every_steps = 1_000
   config.checkpoint.every_steps = 1_000
   config.logging.every_steps = 100
   if arg.runlocal:
-    config_lib.make_runlocal(config)
+    recipes.make_runlocal(config)
   return config

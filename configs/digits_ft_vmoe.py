@@ -4,7 +4,7 @@ Sparse upcycling on the embedded digits: the model of
 `configs/digits_vmoe.py` (MLPs of blocks 1 and 3 replaced by E=8 experts,
 K=2, SparseTopK router) starts from the checkpoint of `configs/digits_vit.py`:
 every expert is a copy of the dense MLP of its block, the routers are fresh,
-everything else is copied (`moe.train.init_from.VIT_TO_VMOE_RULES`). The
+everything else is copied (`moe.checkpoints.init_from.VIT_TO_VMOE_RULES`). The
 combine weights are the gates renormalised over the dispatched experts
 (`combine="gate_softmax"`), so that identical experts reproduce the dense
 MLP: the upcycled model starts where the dense one ended (up to the tokens
@@ -55,7 +55,7 @@ Presets (comma-separated): `runlocal` (the 2-block model of
 `digits_vit.py:runlocal`, 20 steps: fine-tunes a checkpoint of
 `configs/digits_vit.py:runlocal`), `loss=NAME` (default softmax_xent).
 """
-from moe.train import config_lib
+from moe.config import recipes
 
 DENSE_WORKDIR = "/tmp/digits_vit"
 
@@ -70,14 +70,14 @@ def get_config(arg=None):
   Returns:
     The experiment config.
   """
-  arg = config_lib.parse_arg(arg, runlocal=False, loss="softmax_xent")
-  router = config_lib.router_config("SparseTopK", capacity_factor=1.25,
-                                    regularization=0.1,
-                                    combine="gate_softmax")
-  moe = config_lib.moe_config(8, 2, layers="every_2", router=router)
-  config = config_lib.digits_config(moe, runlocal=arg.runlocal)
+  arg = recipes.parse_arg(arg, runlocal=False, loss="softmax_xent")
+  router = recipes.router_config("SparseTopK", capacity_factor=1.25,
+                                 regularization=0.1,
+                                 combine="gate_softmax")
+  moe = recipes.moe_config(8, 2, layers="every_2", router=router)
+  config = recipes.digits_config(moe, runlocal=arg.runlocal)
   config.init_from.checkpoint = DENSE_WORKDIR
-  config_lib.set_loss(config, arg.loss)
+  recipes.set_loss(config, arg.loss)
   config.optimizer.weight_decay_exclude = ("head/.*",)
   if not arg.runlocal:
     config.total_steps = 400

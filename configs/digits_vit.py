@@ -1,7 +1,7 @@
 r"""Dense ViT on the embedded digits: the baseline of `digits_vmoe.py`.
 
 The same model, data and schedule as `configs/digits_vmoe.py`
-(`moe.train.config_lib.digits_config`) with a dense MLP in every block.
+(`moe.config.recipes.digits_config`) with a dense MLP in every block.
 
 Command:
 
@@ -12,7 +12,7 @@ start-up, ending with
 
   final: step=1000 eval_accuracy=0.9639 eval_top5=0.9972 eval_loss=0.179 wall_s=101
 """
-from moe.train import config_lib
+from moe.config import recipes
 
 
 def get_config(arg=None):
@@ -24,5 +24,5 @@ def get_config(arg=None):
   Returns:
     The experiment config.
   """
-  arg = config_lib.parse_arg(arg, runlocal=False)
-  return config_lib.digits_config(runlocal=arg.runlocal)
+  arg = recipes.parse_arg(arg, runlocal=False)
+  return recipes.digits_config(runlocal=arg.runlocal)

@@ -12,15 +12,16 @@ start-up, ending with
 Seeds 1 and 2 (`--config.seed=S --config.dataset.seed=S`) end at
 eval_accuracy=0.9556 each: 0.955 ± 0.002 over three seeds on the 360 test
 images (one image is 0.0028). The exact digits depend on float rounding, so
-another CPU may end a few images away.
+another CPU may end a few images away (2026-12-02, 2-core CPU, jax 0.10.2:
+eval_accuracy=0.9556 eval_top5=0.9972 eval_loss=0.209 for seed 0).
 
-The model and schedule are `moe.train.config_lib.digits_config` (shared with
+The model and schedule are `moe.config.recipes.digits_config` (shared with
 the dense baseline `configs/digits_vit.py`); here the MLPs of blocks 1 and 3
 become mixtures of E=8 experts with K=2, routed by SparseTopK (p=4/3,
 regularisation 0.1, capacity factor 1.25). Another router is one override
 away: `--config.model.encoder.moe.router.name=NoisyTopExpertsPerItem`.
 """
-from moe.train import config_lib
+from moe.config import recipes
 
 
 def get_config(arg=None):
@@ -33,8 +34,8 @@ def get_config(arg=None):
   Returns:
     The experiment config.
   """
-  arg = config_lib.parse_arg(arg, runlocal=False, experts=8)
-  router = config_lib.router_config("SparseTopK", capacity_factor=1.25,
-                                    regularization=0.1)
-  moe = config_lib.moe_config(arg.experts, 2, layers="every_2", router=router)
-  return config_lib.digits_config(moe, runlocal=arg.runlocal)
+  arg = recipes.parse_arg(arg, runlocal=False, experts=8)
+  router = recipes.router_config("SparseTopK", capacity_factor=1.25,
+                                 regularization=0.1)
+  moe = recipes.moe_config(arg.experts, 2, layers="every_2", router=router)
+  return recipes.digits_config(moe, runlocal=arg.runlocal)

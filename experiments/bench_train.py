@@ -21,9 +21,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from moe.train import config_lib
+from moe.config import recipes
 from moe.train import optimizers
-from moe.train import partitioning
+from moe.parallel import partitioning
 from moe.train import tasks
 from moe.train import train_state
 
@@ -45,8 +45,10 @@ def _config(setup):
   """Returns the experiment config of a setup."""
   config = training_runs.load_config("digits_vmoe.py")
   if setup == "vmoe_s16":
-    moe = config_lib.moe_config(8, 2, layers="every_2", group_size=8 * 197)
-    config.model = config_lib.vit_model("S/16", 1000, moe=moe)
+    moe = recipes.moe_config(
+        8, 2, layers="every_2", group_size=8 * 197,
+        router=recipes.router_config(capacity_factor=1.25))
+    config.model = recipes.vit_model("S/16", 1000, moe=moe)
   if _ROUTER.value:
     config.model.encoder.moe.router.name = _ROUTER.value
   return config

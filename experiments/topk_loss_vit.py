@@ -10,7 +10,7 @@ Command (2-core CPU; --scale small about 4 minutes):
 The paper fine-tunes a ViT-B/16 pretrained on ImageNet-21k on CIFAR-100 with
 the top-k loss of Petersen et al. (2022) built on its sparse soft top-k mask,
 and compares with cross-entropy on top-1 and top-5 accuracy. Here the loss
-is `moe.train.losses.topk_xent` (`config_lib.set_loss(config,
+is `moe.train.losses.topk_xent` (`recipes.set_loss(config,
 "topk_xent")`, the `:loss=topk_xent` preset of the fine-tuning configs; the
 formula and its sources are in its docstring):
 
@@ -65,7 +65,7 @@ import tensorflow as tf
 
 from moe import data as data_lib
 from moe.data import preprocess
-from moe.train import config_lib
+from moe.config import recipes
 from moe.train import tasks
 
 import results_io
@@ -159,7 +159,7 @@ def finetune_config(args, loss: str, seed: int, checkpoint: str | None):
   """
   config = training_runs.load_config(args.config_file, args.config_arg)
   training_runs.set_seed(config, seed)
-  config_lib.set_loss(config, loss)
+  recipes.set_loss(config, loss)
   if loss == "topk_xent":
     config.task.loss_options.topk_weights = tuple(args.topk_weights)
     config.task.loss_options.regularization = args.regularization

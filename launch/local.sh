@@ -12,7 +12,7 @@
 #       --workdir /tmp/moe_local --config.mesh.expert=4
 #
 # Every process gets MOE_COORDINATOR_ADDRESS, MOE_NUM_PROCESSES and
-# MOE_PROCESS_ID (read by moe.train.multihost), JAX_PLATFORMS=cpu and
+# MOE_PROCESS_ID (read by moe.parallel.multihost), JAX_PLATFORMS=cpu and
 # XLA_FLAGS=--xla_force_host_platform_device_count=M. Process 0 writes to this
 # terminal; process i > 0 to $MOE_LOG_DIR/process_<i>.log (default: a new
 # temporary directory). The coordinator port is $MOE_PORT or a free one; the

@@ -23,7 +23,7 @@ at once, in the background (nohup), with output appended to
 ~/moe-logs/train.log on each worker. On a multi-host slice it sets
 MOE_NUM_PROCESSES, MOE_PROCESS_ID (the worker number) and
 MOE_COORDINATOR_ADDRESS (worker 0) from the VM metadata, so that
-`moe.train.multihost` initialises `jax.distributed` on every host. A job
+`moe.parallel.multihost` initialises `jax.distributed` on every host. A job
 restarted with the same --workdir resumes from its last checkpoint;
 `run --restart-on-preemption` stays in the foreground and does that by itself
 (see launch/README.md).
@@ -385,7 +385,7 @@ def setup_commands(s: argparse.Namespace,
 
 
 def _multihost_steps(hosts: int) -> list[str]:
-  """Remote steps exporting the settings `moe.train.multihost` reads.
+  """Remote steps exporting the settings `moe.parallel.multihost` reads.
 
   The worker number and the address of worker 0 come from the TPU VM's
   metadata, as jax's own Cloud TPU detection reads them; the first of the

@@ -11,10 +11,10 @@ r"""Trains and evaluates one experiment: the project's only entry point.
 is passed as `arg`. `--config.a.b=value` overrides a field; the config is
 locked, so a misspelt field is an error. Running the same command again
 resumes from the checkpoints in `--workdir`; `--config.init_from.checkpoint`
-(a run's workdir or a public ViT `.npz`, see `moe.train.init_from`) sets the
+(a run's workdir or a public ViT `.npz`, see `moe.checkpoints.init_from`) sets the
 initial parameters of a run that does not resume. Multi-process jobs (several
 hosts, or `launch/local.sh` on one machine) initialise `jax.distributed`
-from the environment (see `moe.train.multihost`) or with `--multiprocess`.
+from the environment (see `moe.parallel.multihost`) or with `--multiprocess`.
 A job stopped by SIGTERM saves a checkpoint and exits with status 143
 (128 + SIGTERM).
 """
@@ -27,7 +27,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from moe.train import multihost
+from moe.parallel import multihost
 from moe.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(

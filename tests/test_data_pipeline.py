@@ -14,6 +14,7 @@ from moe.data import digits
 from moe.data import preprocess
 from moe.data import sources
 from moe.data import train_iterator
+from moe.parallel import partitioning
 
 _PP_WITH_IDS = ("decode|value_range(-1, 1)|onehot(10, key_result='labels')"
                 "|keep('image', 'labels', 'id')")
@@ -227,7 +228,7 @@ def test_global_array_on_eight_devices(config, eight_devices):
   mesh = Mesh(np.array(eight_devices).reshape(4, 2), ("data", "expert"))
   sharding = NamedSharding(mesh, P(("data", "expert")))
   batch = next(data.make_train_iterator(config))
-  global_batch = data.to_global_array(batch, sharding)
+  global_batch = partitioning.shard_batch(batch, mesh)
   for key, local in batch.items():
     array = global_batch[key]
     assert isinstance(array, jax.Array)

@@ -3,6 +3,8 @@ import types
 
 import pytest
 
+from moe.nn import routers
+
 import experiments_testing
 
 router_script = experiments_testing.import_script("moe_router")
@@ -66,7 +68,10 @@ def test_run_config_changes_only_router_and_seed():
         base_moe.num_experts, base_moe.num_selected_experts, base_moe.layers)
     assert moe.router.capacity_factor == base_moe.router.capacity_factor
     noisy = router == "NoisyTopExpertsPerItem"
-    assert moe.router.noise_std == (1.0 if noisy else 0.0)
+    router_module = routers.create_router(
+        moe.router, num_experts=moe.num_experts,
+        num_selected_experts=moe.num_selected_experts)
+    assert getattr(router_module, "noise_std", 0.0) == (1.0 if noisy else 0.0)
   with pytest.raises(ValueError, match="--steps must be >= 1"):
     router_script.parse_args(["--steps", "0"])
 

@@ -169,7 +169,7 @@ def test_group_size():
     ({"num_selected_experts": 5}, "num_selected_experts"),
     ({"router": {"name": "TopK"}}, "router.name"),
     ({"router": {"name": "SparseTopK", "p": 1.5, "regularisation": 1.}},
-     "router.regularisation"),
+     r"config.model.encoder.moe.router has unknown field\(s\) regularisation"),
     ({"dispatcher": "scatter"}, "dispatcher"),
     ({"dtype": "int8"}, "dtype"),
     ({"group_size": 0}, "group_size"),

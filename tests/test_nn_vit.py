@@ -200,15 +200,17 @@ def test_sharded_vmoe_matches_unsharded(eight_devices):
     ({"variant": "S16"}, "variant"),
     ({"classifier": "pool"}, "classifier"),
     ({"patch_size": 3}, "patch_size"),
-    ({"widht": 3}, "model.widht"),
-    ({"encoder": {"num_layer": 3}}, "model.encoder.num_layer"),
+    ({"widht": 3}, r"config.model has unknown field\(s\) widht"),
+    ({"encoder": {"num_layer": 3}},
+     r"config.model.encoder has unknown field\(s\) num_layer"),
     ({"encoder": {"moe": {"layers": (0, 2)}}}, "moe.layers"),
     ({"encoder": {"moe": {"layers": "every_3"}}}, "moe.layers"),
     ({"encoder": {"moe": {"layers": "first_2"}}}, "moe.layers"),
     ({"encoder": {"moe": {"group_size": 16}}}, "group_size"),
     ({"encoder": {"moe": {"num_selected_experts": 5}}}, "num_selected_experts"),
     ({"encoder": {"moe": {"router": {"name": "Switch"}}}}, "router.name"),
-    ({"encoder": {"moe": {"expert_dim": 3}}}, "model.encoder.moe.expert_dim"),
+    ({"encoder": {"moe": {"expert_dim": 3}}},
+     r"config.model.encoder.moe has unknown field\(s\) expert_dim"),
 ])
 def test_bad_config_raises_naming_the_field(config, field):
   base = _vmoe_config()

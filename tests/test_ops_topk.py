@@ -56,7 +56,8 @@ def test_magnitude_matches_pav_reference(p, seed):
 
 
 def test_magnitude_p2_closed_form_on_block():
-  # p = 2: the straddling block gets sign(x)(1 + l)(s - v)/l (DESIGN.md §2).
+  # p = 2: the straddling block gets sign(x)(1 + l)(s - v)/l
+  # (docs/design.md §2).
   x = np.array([3.0, -1.0, 0.9, 0.2, -0.1])
   l = 0.5
   out = np.asarray(ops.topk_magnitude(jnp.asarray(x), 2, regularization=l, p=2.0))
@@ -173,7 +174,7 @@ def test_check_grads_magnitude(p):
 
 def test_jacobian_identity_against_finite_differences():
   # J = diag(g) - g gᵀ / Σ g with g_i = (r/l)((x_i - τ)/l)^(r-1) on the
-  # partial set (DESIGN.md §2), checked against central differences.
+  # partial set (docs/design.md §2), checked against central differences.
   with x64():
     x = jnp.asarray(_rows(7, (9,)))
     l, p, k = 0.8, 4 / 3, 3

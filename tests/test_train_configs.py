@@ -1,4 +1,4 @@
-"""Tests of the experiment configs (configs/) and moe.train.config_lib."""
+"""Tests of the experiment configs (configs/) and moe.config.recipes."""
 import os
 
 from absl import flags
@@ -9,10 +9,10 @@ import pytest
 
 from moe.nn import models
 from moe.nn import transformer
-from moe.train import config_lib
+from moe.config import experiment
+from moe.config import recipes
 from moe.train import losses
 from moe.train import tasks
-from moe.train import trainer
 import train_testing
 
 CONFIGS = sorted(name for name in os.listdir(train_testing.CONFIGS)
@@ -46,8 +46,8 @@ def test_every_config_is_tested():
 def test_configs_load_by_path_and_build(name, arg):
   config = train_testing.load_config(name + arg)
   assert config.is_locked
-  assert set(config) == set(trainer.CONFIG_FIELDS)
-  trainer.LoopConfig.from_config(config)
+  assert set(config) == set(experiment.CONFIG_FIELDS)
+  experiment.ExperimentConfig.from_config(config)
   model = models.build_model(config.model)
   assert model.num_classes == config.model.num_classes
 
@@ -66,7 +66,7 @@ def test_full_scale_configs_follow_the_vmoe_paper(name):
           moe["num_selected_experts"]) == (classes, experts, k)
   assert transformer.moe_layer_indices(moe["layers"], depth) == blocks
   assert config.mesh.expert == experts
-  assert config.mesh.partition_rules == config_lib.EXPERT_PARTITION_RULES
+  assert config.mesh.partition_rules == recipes.EXPERT_PARTITION_RULES
   tokens = (size // model.patch_shape[0]) ** 2 + 1
   assert moe["group_size"] == 8 * tokens
   docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
@@ -88,6 +88,8 @@ def test_digits_vmoe_and_vit_differ_only_in_the_moe():
   vit = train_testing.load_config("digits_vit.py").to_dict()
   moe = vmoe["model"]["encoder"].pop("moe")
   assert vit["model"]["encoder"].pop("moe") is None
+  assert vmoe["mesh"].pop("partition_rules") == recipes.EXPERT_PARTITION_RULES
+  assert vit["mesh"].pop("partition_rules") == ()
   assert vmoe == vit
   assert (moe["num_experts"], moe["num_selected_experts"], moe["layers"],
           moe["router"]["name"]) == (8, 2, "every_2", "SparseTopK")
@@ -150,16 +152,16 @@ def test_bad_config_arguments_are_errors(arg, message):
 
 
 def test_parse_arg_converts_to_the_default_types():
-  arg = config_lib.parse_arg("runlocal, experts=4,lr=0.5,name=x,off=0",
-                             runlocal=False, experts=8, lr=1.0, name="y",
-                             off=True)
+  arg = recipes.parse_arg("runlocal, experts=4,lr=0.5,name=x,off=0",
+                          runlocal=False, experts=8, lr=1.0, name="y",
+                          off=True)
   assert arg.to_dict() == dict(runlocal=True, experts=4, lr=0.5, name="x",
                                off=False)
-  assert config_lib.parse_arg(None, a=1).to_dict() == {"a": 1}
+  assert recipes.parse_arg(None, a=1).to_dict() == {"a": 1}
 
 
 def test_imagenet_pp_and_runlocal():
-  train, evaluation = config_lib.imagenet_pp(1000, 224)
+  train, evaluation = recipes.imagenet_pp(1000, 224)
   assert train.startswith("decode_jpeg_and_inception_crop(224)|flip_lr|")
   assert evaluation.startswith("decode|resize(256)|central_crop(224)|")
   config = train_testing.load_config("imagenet21k_vmoe_b32.py:runlocal")

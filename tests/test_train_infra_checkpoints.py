@@ -1,4 +1,4 @@
-"""Tests of moe.train.checkpoints: orbax round trips on 8 fake devices."""
+"""Tests of moe.checkpoints: orbax round trips on 8 fake devices."""
 import logging
 import os
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe.train import checkpoints
+from moe import checkpoints
 from moe.train import optimizers
-from moe.train import partitioning
+from moe.parallel import partitioning
 
 EXPERT_RULES = (("Moe/.*", ("expert",)),)
 

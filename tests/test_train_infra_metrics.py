@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from moe.train import metrics_writing
-from moe.train import partitioning
+from moe.parallel import partitioning
 
 
 def _summaries(logdir):

@@ -1,10 +1,10 @@
-"""Tests of moe.train.multihost: when jax.distributed.initialize is called."""
+"""Tests of moe.parallel.multihost: when jax.distributed.initialize is called."""
 import os
 
 import jax
 import pytest
 
-from moe.train import multihost
+from moe.parallel import multihost
 
 
 @pytest.fixture

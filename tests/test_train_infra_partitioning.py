@@ -1,4 +1,4 @@
-"""Tests of moe.train.partitioning on 8 fake CPU devices."""
+"""Tests of moe.parallel.partitioning on 8 fake CPU devices."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe.train import optimizers
-from moe.train import partitioning
+from moe.parallel import partitioning
 
 EXPERT_RULES = (("Moe/Mlp/.*", ("expert",)),)
 
@@ -60,7 +60,7 @@ def test_partition_rules_put_experts_on_expert_axis(eight_devices):
   params = _params()
   shardings = partitioning.param_shardings(
       jax.eval_shape(lambda: params), mesh, EXPERT_RULES)
-  placed = partitioning.device_put(params, shardings)
+  placed = jax.device_put(params, shardings)
   assert _specs(placed) == {
       "Moe": {"Mlp": {"kernel": P("expert"),
                       "bias": P("expert")}},
@@ -121,7 +121,7 @@ def test_optimizer_state_follows_param_shardings(eight_devices):
   state_shardings = partitioning.shardings_like_params(
       abstract_state, params, param_shardings, mesh)
   state = jax.jit(tx.init, out_shardings=state_shardings)(
-      partitioning.device_put(params, param_shardings))
+      jax.device_put(params, param_shardings))
   expected = {"Moe/Mlp/kernel": P("expert"),
               "Moe/Mlp/bias": P("expert")}
   seen = set()

@@ -1,4 +1,4 @@
-"""Tests of moe.train.init_from: fine-tuning from checkpoints, upcycling."""
+"""Tests of moe.checkpoints.init_from: fine-tuning from checkpoints, upcycling."""
 import logging
 
 import jax
@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage
 
 from moe.nn import models
-from moe.train import config_lib
-from moe.train import init_from
-from moe.train import param_names
+from moe.config import recipes
+from moe.checkpoints import init_from
+from moe.config import param_names
 from moe.train import trainer
 import train_testing
 
@@ -31,7 +31,7 @@ def _write_public_vit_npz(path, prefix=""):
   with random values, saved as a `.npz` of '/'-joined names: the public ViT
   layout."""
   rng = np.random.default_rng(0)
-  config = config_lib.vit_model("tiny/2", 10, representation_size=32)
+  config = recipes.vit_model("tiny/2", 10, representation_size=32)
   arrays = {prefix + name: rng.normal(size=leaf.shape).astype(np.float32)
             for name, leaf in param_names.named_leaves(
                 _param_shapes(config, 8))}
@@ -50,8 +50,8 @@ def _bilinear_reference(grid, side):
 def test_vmoe_from_public_vit_npz(tmp_path, caplog, prefix):
   npz = _write_public_vit_npz(tmp_path / "vit.npz", prefix)
   # A V-MoE (block 1: E=4 experts) at 12x12 px (6x6 patches), 5 classes.
-  moe = config_lib.moe_config(4, 2, layers="every_2")
-  fresh = _param_shapes(config_lib.vit_model("tiny/2", 5, moe=moe), 12)
+  moe = recipes.moe_config(4, 2, layers="every_2")
+  fresh = _param_shapes(recipes.vit_model("tiny/2", 5, moe=moe), 12)
   init_fn = init_from.create_init_params_fn(
       dict(checkpoint=str(tmp_path / "vit.npz")))
   with caplog.at_level(logging.INFO):

@@ -142,11 +142,13 @@ def test_create_loss_checks_names_and_options():
   with pytest.raises(ValueError, match=r"config.task.loss must be one of "
                      r"'softmax_xent', 'sigmoid_xent', 'topk_xent'; got 'l2'"):
     losses.create_loss("l2")
-  with pytest.raises(ValueError, match=r"config.task.loss_options has unknown "
-                     r"field\(s\) k for loss 'softmax_xent'; allowed: none"):
+  with pytest.raises(ValueError, match=r"config.task.loss_options of loss "
+                     r"'softmax_xent' has unknown field\(s\) k; allowed "
+                     r"fields: none"):
     losses.create_loss("softmax_xent", {"k": 5})
-  with pytest.raises(ValueError, match=r"unknown field\(s\) k for loss "
-                     r"'topk_xent'; allowed: topk_weights, regularization"):
+  with pytest.raises(ValueError, match=r"of loss 'topk_xent' has unknown "
+                     r"field\(s\) k; allowed fields: topk_weights, "
+                     r"regularization"):
     losses.create_loss("topk_xent", {"k": 5})
   loss = losses.create_loss("topk_xent", {"topk_weights": [1.0]})
   logits, labels = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0]])

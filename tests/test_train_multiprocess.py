@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from moe import data as data_lib
-from moe.train import checkpoints
+from moe import checkpoints
 from moe.train import tasks
 from moe.train import trainer
 import train_testing

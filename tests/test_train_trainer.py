@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from moe.train import checkpoints
+from moe import checkpoints
 from moe.train import train_metrics
 from moe.train import trainer
 import train_testing

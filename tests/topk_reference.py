@@ -1,6 +1,6 @@
 """Independent numpy references for the top-k operators (float64).
 
-These follow the *isotonic* formulations of DESIGN.md §2 literally: sort,
+These follow the *isotonic* formulations of docs/design.md §2 literally: sort,
 pool adjacent violators over blocks, solve each block's value by bisection.
 They share no code or formula with moe.ops (which uses one threshold per
 row), so agreement is evidence that both are right.
@@ -74,7 +74,7 @@ def topk_mask(x, k, l, p):
 
 
 def topk_magnitude(x, k, l, p):
-  """Soft top-k in magnitude of a 1-D array (DESIGN.md §2, literally).
+  """Soft top-k in magnitude of a 1-D array (docs/design.md §2, literally).
 
   v = argmin_{v decreasing} Σ (1/q)|s_i - v_i|^q + (l^(q-1)/2) w_i v_i² on
   s = |x| sorted descending; output sign(x) (((s - v)/l)^(q-1) + (s - v)).

@@ -1,8 +1,8 @@
 """Input pipelines: tfds datasets, preprocessing strings, resumable iterators.
 
 Modules:
-  input_pipeline: the trainer's entry points (config, train/eval, global
-    arrays).
+  input_pipeline: the dataset config section and the task's entry points
+    (train iterator, eval data).
   train_iterator: the checkpointable train iterator.
   order: the train stream's order as a pure function of (seed, epoch).
   sources: prepared tfds datasets by name, per-process blocks of records.
@@ -11,10 +11,10 @@ Modules:
   digits: the embedded dataset (scikit-learn digits) as a tfds builder.
 """
 from moe.data import preprocess_ops  # noqa: F401  (registers the ops)
+from moe.data.input_pipeline import DatasetConfig
 from moe.data.input_pipeline import default_config
 from moe.data.input_pipeline import EvalData
 from moe.data.input_pipeline import make_eval_data
 from moe.data.input_pipeline import make_train_iterator
 from moe.data.input_pipeline import MASK_KEY
-from moe.data.input_pipeline import to_global_array
 from moe.data.train_iterator import TrainIterator

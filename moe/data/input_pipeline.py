@@ -1,33 +1,35 @@
 """Train and eval inputs from a dataset config; local batches to global arrays.
 
-The trainer uses four functions:
+The task (`moe.train.tasks`) uses three functions:
 
     data_config = input_pipeline.default_config()  # then set its fields
     train = input_pipeline.make_train_iterator(data_config, state=saved)
     evaluation = input_pipeline.make_eval_data(data_config)
-    batch = input_pipeline.to_global_array(next(train), sharding)
 
-Every process reads only its own slice of each split and yields local
-batches of `batch_size // process_count` examples; `to_global_array`
-assembles the processes' local batches into one `jax.Array` per feature.
-`train.get_state()` is saved with each checkpoint and given back as `state=`
+The config is a `DatasetConfig` or a ConfigDict with its fields. Every
+process reads only its own slice of each split and yields local batches of
+`batch_size // process_count` examples (numpy); the trainer assembles the
+processes' local batches into global arrays
+(`moe.parallel.partitioning.shard_batch`). `train.get_state()` is saved with each checkpoint and given back as `state=`
 (or to `train.set_state`) when the job resumes.
 
 Batches are dicts of numpy arrays with leading axis B (the local batch); the
 features are what the preprocessing string leaves (e.g. "image" float32
-[B, H, W, C] and "labels" float32 [B, num_classes]). Eval batches also carry
+[B, height, width, channels] and "labels" float32 [B, num_classes]). Eval batches also carry
 `MASK_KEY` (bool [B]).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from moe.config import schema
 from moe.data import preprocess
 from moe.data import sources
 from moe.data import train_iterator
@@ -37,10 +39,11 @@ _DIGITS_PP = ("decode|value_range(-1, 1)|onehot(10, key_result='labels')"
               "|keep('image', 'labels')")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Returns the dataset config, every field at its default (digits).
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """The dataset, `config.dataset` (defaults: the embedded digits).
 
-  Fields:
+  Attributes:
     name: tfds name, optionally with config/version ("digits", "mnist",
       "cifar10", "cifar100", "imagenet2012", "imagenet21k", ...).
     data_dir: data dir holding the prepared dataset; None resolves to
@@ -62,39 +65,89 @@ def default_config() -> ml_collections.ConfigDict:
       evaluation (for small eval splits).
     prefetch: batches prepared ahead by tf.data.
   """
-  config = ml_collections.ConfigDict()
-  config.name = "digits"
-  config.data_dir = ml_collections.config_dict.placeholder(str)
-  config.train_split = "train"
-  config.eval_split = "test"
-  config.pp_train = _DIGITS_PP
-  config.pp_eval = _DIGITS_PP
-  config.batch_size = 128
-  config.eval_batch_size = 256
-  config.shuffle_buffer = 50_000
-  config.seed = 0
-  config.cache_eval = False
-  config.prefetch = 2
-  return config
+  name: str = "digits"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "test"
+  pp_train: str = _DIGITS_PP
+  pp_eval: str = _DIGITS_PP
+  batch_size: int = 128
+  eval_batch_size: int = 256
+  shuffle_buffer: int = 50_000
+  seed: int = 0
+  cache_eval: bool = False
+  prefetch: int = 2
+
+  def __post_init__(self):
+    field = "config.dataset"
+    for name in ("name", "train_split", "eval_split", "pp_train", "pp_eval"):
+      if not isinstance(getattr(self, name), str):
+        raise TypeError(f"{field}.{name} must be a string, got "
+                        f"{getattr(self, name)!r}.")
+    for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
+      schema.check_int(getattr(self, name), f"{field}.{name}", 1)
+    schema.check_int(self.prefetch, f"{field}.prefetch", 0)
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"{field}.seed must be in [0, 2**32), got "
+                       f"{self.seed!r}.")
+
+  @classmethod
+  def from_config(cls, section: Any) -> "DatasetConfig":
+    """Parses `config.dataset` (a ConfigDict, a dict or None)."""
+    if isinstance(section, cls):
+      return section
+    return schema.parse_section(cls, section, "config.dataset")
 
 
-def _process(process_index: int | None,
-             process_count: int | None) -> tuple[int, int]:
-  """Returns (process index, process count), defaulting to jax's."""
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the dataset config, every field of `DatasetConfig` at default."""
+  return schema.section_defaults(DatasetConfig)
+
+
+class _ProcessSlice(NamedTuple):
+  """What one process reads of a split, and how it batches it."""
+  process_index: int
+  process_count: int
+  batch_size: int
+  preprocess_fn: preprocess.Op
+  builder: Any
+  blocks: list[sources.Block]
+
+
+def _process_slice(config: DatasetConfig, *, split: str, pp: str,
+                   batch_field: str, drop_remainder: bool,
+                   process_index: int | None,
+                   process_count: int | None) -> _ProcessSlice:
+  """Resolves the process, its batch size, preprocessing and record blocks.
+
+  Args:
+    config: the dataset config.
+    split: the tfds split.
+    pp: its preprocessing string.
+    batch_field: the config field of the global batch size.
+    drop_remainder: cut the split into equal slices (train) or into slices
+      whose sizes differ by at most one (eval).
+    process_index: this process; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    The slice.
+  """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
     raise ValueError(f"process_index must be in [0, {count}), got {index}.")
-  return index, count
-
-
-def _local_batch_size(global_batch_size: int, process_count: int,
-                      field: str) -> int:
-  """Returns the per-process batch size, or raises if it is not whole."""
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"config.{field}={global_batch_size} must be a positive "
-                     f"multiple of the process count {process_count}.")
-  return global_batch_size // process_count
+  global_batch_size = getattr(config, batch_field)
+  if global_batch_size <= 0 or global_batch_size % count:
+    raise ValueError(f"config.{batch_field}={global_batch_size} must be a "
+                     f"positive multiple of the process count {count}.")
+  preprocess_fn = preprocess.get_preprocess_fn(pp)
+  builder = sources.load_builder(config.name, config.data_dir)
+  blocks = sources.process_blocks(builder, split, process_index=index,
+                                  process_count=count,
+                                  drop_remainder=drop_remainder)
+  return _ProcessSlice(index, count, global_batch_size // count,
+                       preprocess_fn, builder, blocks)
 
 
 def make_train_iterator(
@@ -108,7 +161,7 @@ def make_train_iterator(
   `process_index`.
 
   Args:
-    config: dataset config (`default_config`).
+    config: `DatasetConfig`, or a ConfigDict of its fields.
     state: `get_state()` of the iterator to resume; None starts afresh.
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
@@ -117,22 +170,19 @@ def make_train_iterator(
     A `TrainIterator` of local batches of `config.batch_size //
     process_count` examples.
   """
-  process_index, process_count = _process(process_index, process_count)
-  batch_size = _local_batch_size(config.batch_size, process_count,
-                                 "batch_size")
-  preprocess_fn = preprocess.get_preprocess_fn(config.pp_train)
-  builder = sources.load_builder(config.name, config.data_dir)
-  blocks = sources.process_blocks(
-      builder, config.train_split, process_index=process_index,
-      process_count=process_count, drop_remainder=True)
-  if not blocks:
+  part = _process_slice(config, split=config.train_split, pp=config.pp_train,
+                        batch_field="batch_size", drop_remainder=True,
+                        process_index=process_index,
+                        process_count=process_count)
+  if not part.blocks:
     raise ValueError(f"Split {config.train_split!r} of {config.name!r} has "
-                     f"fewer examples than the {process_count} processes.")
+                     f"fewer examples than the {part.process_count} "
+                     "processes.")
   return train_iterator.TrainIterator(
-      blocks=blocks, decode=sources.make_decoder(builder),
-      preprocess_fn=preprocess_fn, batch_size=batch_size,
+      blocks=part.blocks, decode=sources.make_decoder(part.builder),
+      preprocess_fn=part.preprocess_fn, batch_size=part.batch_size,
       shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-      process_index=process_index, prefetch=config.prefetch, state=state)
+      process_index=part.process_index, prefetch=config.prefetch, state=state)
 
 
 def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -192,58 +242,37 @@ def make_eval_data(config: ml_collections.ConfigDict, *,
   one; this process reads slice `process_index` in file order.
 
   Args:
-    config: dataset config (`default_config`).
+    config: `DatasetConfig`, or a ConfigDict of its fields.
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
 
   Returns:
     An `EvalData` that can be iterated once per evaluation.
   """
-  process_index, process_count = _process(process_index, process_count)
-  batch_size = _local_batch_size(config.eval_batch_size, process_count,
-                                 "eval_batch_size")
-  preprocess_fn = preprocess.get_preprocess_fn(config.pp_eval)
-  builder = sources.load_builder(config.name, config.data_dir)
-  blocks = sources.process_blocks(
-      builder, config.eval_split, process_index=process_index,
-      process_count=process_count, drop_remainder=False)
-  num_examples = builder.info.splits[config.eval_split].num_examples
-  if num_examples < process_count:
+  part = _process_slice(config, split=config.eval_split, pp=config.pp_eval,
+                        batch_field="eval_batch_size", drop_remainder=False,
+                        process_index=process_index,
+                        process_count=process_count)
+  num_examples = part.builder.info.splits[config.eval_split].num_examples
+  if num_examples < part.process_count:
     raise ValueError(f"Split {config.eval_split!r} of {config.name!r} has "
-                     f"fewer examples than the {process_count} processes.")
-  decode = sources.make_decoder(builder)
+                     f"fewer examples than the {part.process_count} "
+                     "processes.")
+  decode = sources.make_decoder(part.builder)
 
   def prepare(record, example_id):
-    rng = preprocess.example_seed(config.seed, process_index, example_id)
-    return preprocess.apply_seeded(preprocess_fn, decode(record), rng)
+    rng = preprocess.example_seed(config.seed, part.process_index, example_id)
+    return preprocess.apply_seeded(part.preprocess_fn, decode(record), rng)
 
-  records = sources.read_records(*sources.block_tensors(blocks))
+  records = sources.read_records(*sources.block_tensors(part.blocks))
   examples = tf.data.Dataset.zip(records, tf.data.Dataset.range(
-      sum(b.take for b in blocks)))
+      sum(b.take for b in part.blocks)))
   batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True).batch(batch_size)
+                         deterministic=True).batch(part.batch_size)
   if config.cache_eval:
     batches = batches.cache()
-  largest_slice = math.ceil(num_examples / process_count)
-  return EvalData(batches.prefetch(config.prefetch), batch_size=batch_size,
-                  num_batches=math.ceil(largest_slice / batch_size),
+  largest_slice = math.ceil(num_examples / part.process_count)
+  return EvalData(batches.prefetch(config.prefetch),
+                  batch_size=part.batch_size,
+                  num_batches=math.ceil(largest_slice / part.batch_size),
                   num_examples=num_examples)
-
-
-def to_global_array(batch: dict[str, np.ndarray],
-                    sharding: jax.sharding.NamedSharding) -> dict[str,
-                                                                  jax.Array]:
-  """Assembles the processes' local batches into global arrays.
-
-  Args:
-    batch: this process's local batch of numeric arrays, leading axis B
-      (every process passes the same B).
-    sharding: the global batch's sharding, splitting the leading axis over
-      devices, e.g. `NamedSharding(mesh, P(("data", "expert")))`; the
-      processes' batches are concatenated in process order.
-
-  Returns:
-    The same dict of `jax.Array`s with leading axis B * process_count.
-  """
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,7 +1,7 @@
 """The registered preprocessing ops (see `moe.data.preprocess`).
 
 Each factory below returns a function `Features -> Features` on one example.
-Images are [H, W, C] tensors; `key` selects the feature an op reads and
+Images are [height, width, channels] tensors; `key` selects the feature an op reads and
 writes. Random ops draw stateless seeds with `preprocess.take_seed`, so their
 output is a pure function of the example's seed.
 
@@ -30,7 +30,7 @@ def _hw(size: Size) -> tuple[int, int]:
 
 def _resize(image: tf.Tensor, size: Size, method: str,
             antialias: bool) -> tf.Tensor:
-  """Resizes [H, W, C] to [h, w, C], keeping the dtype (integers rounded)."""
+  """Resizes [height, width, channels] to [h, w, channels], keeping the dtype (integers rounded)."""
   resized = tf.image.resize(image, _hw(size), method=method,
                             antialias=antialias)
   if image.dtype.is_integer:
@@ -43,7 +43,7 @@ def _inception_box(image_shape: tf.Tensor, seed: tf.Tensor, area_min: float,
   """Samples an Inception-style crop box.
 
   Args:
-    image_shape: int32 [3], (H, W, C).
+    image_shape: int32 [3], (height, width, channels).
     seed: int64 [2] stateless seed.
     area_min: smallest crop area, percent of the image.
     area_max: largest crop area, percent of the image.

@@ -17,8 +17,9 @@ host from racing). Every other dataset must already be prepared there
 
 Records are read from the split's TFRecord files directly rather than through
 `builder.as_dataset`: tfds' file instructions for a process's slice become
-`Block`s (a contiguous run of records in one file) that the train stream reads
-in a seeded order (`moe.data.train_stream`) and the eval stream in file order.
+`Block`s (a contiguous run of records in one file) that the train iterator
+(`moe.data.train_iterator`) reads in a seeded order (`moe.data.order`) and the
+eval data in file order.
 `make_decoder` parses records with the dataset's own features; images whose
 height or width varies (ImageNet-like) stay encoded for the `decode` /
 `decode_jpeg_and_inception_crop` ops, fixed-size images (digits, MNIST, CIFAR)

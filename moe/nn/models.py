@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from moe.nn import config_util
+from moe.config import schema
 from moe.nn import vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -25,9 +25,6 @@ def build_model(config: Any) -> nn.Module:
     An unbound flax module whose `apply(variables, inputs, train=...)` returns
     `(logits, metrics)`.
   """
-  fields = config_util.to_dict(config)
-  name = fields.get("name")
-  if name not in MODELS:
-    raise ValueError(f"model.name must be one of {sorted(MODELS)}, got "
-                     f"{name!r}.")
-  return MODELS[name](fields)
+  fields = schema.to_dict(config, "config.model")
+  schema.check_choice(fields.get("name"), "config.model.name", tuple(MODELS))
+  return MODELS[fields["name"]](fields)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe.config import schema
 from moe.nn import blocks
 from moe.nn import dispatch
 from moe.nn import routers
@@ -70,11 +71,10 @@ class MoeMlpBlock(nn.Module):
   num_selected_experts: int
   mlp_dim: int
   group_size: Optional[int] = None
-  router: Mapping[str, Any] = flax.core.FrozenDict(
-      name="NoisyTopExpertsPerItem")
+  router: Mapping[str, Any] = flax.core.FrozenDict(name="SparseTopK")
   dispatcher: str = "einsum"
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  dtype: Any = "float32"
 
   def __post_init__(self):
     dispatch.check_dispatcher_name(self.dispatcher)
@@ -125,3 +125,9 @@ class MoeMlpBlock(nn.Module):
     outputs = dispatcher.combine(
         outputs.reshape(num_experts, num_groups, capacity, width))
     return outputs.reshape(x.shape).astype(x.dtype), metrics
+
+
+# The fields of `MoeMlpBlock` that `config.model.encoder.moe` sets; the
+# encoder passes the others (its own `mlp_dim` and `dropout_rate`).
+MOE_CONFIG_FIELDS = tuple(name for name in schema.field_names(MoeMlpBlock)
+                          if name not in ("mlp_dim", "dropout_rate"))

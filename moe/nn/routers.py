@@ -23,6 +23,7 @@ noise draws from the "gating" rng stream.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moe import ops
-from moe.nn import config_util
+from moe.config import schema
 from moe.nn import dispatch
 
 Array = jax.Array
@@ -181,7 +182,20 @@ class Router(nn.Module):
 
   def finish(self, routing: dispatch.Routing, probs: Array,
              metrics: Metrics) -> tuple[dispatch.Dispatcher, Metrics]:
-    """Builds the dispatcher and adds the metrics every router reports."""
+    """Returns the dispatcher of `routing` and the completed metrics.
+
+    Args:
+      routing: which tokens fill the `[G, E, C]` buffer slots, and their
+        combine weights.
+      probs: `[G, S, E]` softmax of the router logits (for the entropy).
+      metrics: the router's own metrics, `auxiliary_loss` included.
+
+    Returns:
+      The dispatcher named by `self.dispatcher` ("einsum" or "index") and
+      `metrics` plus those every router reports (see the module docstring):
+      `tokens_per_expert`, `dropped_fraction`, `experts_per_token` and
+      `router_entropy`.
+    """
     group_size = probs.shape[1]
     experts = routing.experts_per_token(group_size)
     metrics = dict(
@@ -380,18 +394,32 @@ ROUTERS: dict[str, type[Router]] = {
 
 def get_router(name: str) -> type[Router]:
   """Returns the router class called `name` (a key of `ROUTERS`)."""
-  if name not in ROUTERS:
-    raise ValueError(f"router.name must be one of {sorted(ROUTERS)}, got "
-                     f"{name!r}.")
+  schema.check_choice(name, "config.model.encoder.moe.router.name",
+                      tuple(ROUTERS))
   return ROUTERS[name]
+
+
+# Router attributes the MoE layer sets itself; config sets the others.
+LAYER_FIELDS = ("num_experts", "num_selected_experts", "dispatcher")
+
+
+def config_fields() -> tuple[str, ...]:
+  """The router fields config may set: those of any router, in class order."""
+  names = dict.fromkeys(
+      name for cls in ROUTERS.values() for name in schema.field_names(cls)
+      if name not in LAYER_FIELDS)
+  return tuple(names)
 
 
 def create_router(config: Mapping[str, Any], **kwargs) -> Router:
   """Builds a router from config.
 
   Fields that belong to other routers only (e.g. `regularization` when
-  `name` is "NoisyTopExpertsPerItem") are ignored, so that changing
-  `router.name` alone switches routers; a field of no router is an error.
+  `name` is "NoisyTopExpertsPerItem") are ignored, and a field left None
+  takes the chosen router's own default, so that changing `router.name`
+  alone gives that router as its class defines it (`router_config` in
+  `moe.config.recipes` leaves None where routers' defaults differ, e.g.
+  `noise_std`); a field of no router is an error.
 
   Args:
     config: `name` (a key of `ROUTERS`) and attributes of router classes
@@ -402,12 +430,13 @@ def create_router(config: Mapping[str, Any], **kwargs) -> Router:
   Returns:
     The unbound router module.
   """
-  config = config_util.to_dict(config)
+  field = "config.model.encoder.moe.router"
+  config = schema.to_dict(config, field)
   cls = get_router(config.pop("name", None))
-  own = config_util.field_names(cls) - set(kwargs)
-  known = set().union(*map(config_util.field_names, ROUTERS.values()))
-  unknown = sorted(set(config) - (known - set(kwargs)))
-  if unknown:
-    raise ValueError(f"router.{unknown[0]} is not a router field config may "
-                     f"set; fields of {cls.__name__}: {sorted(own)}.")
-  return cls(**{k: v for k, v in config.items() if k in own}, **kwargs)
+  settable = tuple(name for name in config_fields() if name not in kwargs)
+  schema.check_unknown_fields(config, ("name",) + settable, field)
+  own = {f.name: f.default for f in dataclasses.fields(cls)}
+  values = {name: value for name, value in config.items()
+            if name in own and name in settable
+            and (value is not None or own[name] is None)}
+  return cls(**values, **kwargs)

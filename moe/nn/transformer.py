@@ -140,22 +140,22 @@ class Encoder(nn.Module):
     num_layers: number of blocks.
     mlp_dim: hidden width H of the MLPs.
     num_heads: attention heads.
-    dropout_rate: dropout after the position embedding and in every block.
-    attention_dropout_rate: dropout on the attention weights.
-    stochastic_depth: drop-path rate of the last block; block i uses
-      `stochastic_depth * i / (num_layers - 1)` (0 for the first block).
     moe: None for a dense encoder, else `layers` (see `moe_layer_indices`)
       plus the attributes of `moe_layer.MoeMlpBlock` other than `mlp_dim`
       and `dropout_rate` (`num_experts`, `num_selected_experts`,
       `group_size`, `router`, `dispatcher`, `dtype`).
+    dropout_rate: dropout after the position embedding and in every block.
+    attention_dropout_rate: dropout on the attention weights.
+    stochastic_depth: drop-path rate of the last block; block i uses
+      `stochastic_depth * i / (num_layers - 1)` (0 for the first block).
   """
   num_layers: int
   mlp_dim: int
   num_heads: int
+  moe: Optional[Mapping[str, Any]] = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
-  moe: Optional[Mapping[str, Any]] = None
 
   def __post_init__(self):
     if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -173,8 +173,10 @@ class Encoder(nn.Module):
     """Encodes `[B, L, D]` tokens.
 
     Args:
-      x: `[B, L, D]` tokens.
-      train: whether dropout, drop path and router noise are active.
+      x: `[B, L, D]` embedded patches (and class token), before the
+        position embedding, which the encoder adds.
+      train: whether dropout, drop path and router noise are active (in
+        every block).
 
     Returns:
       `[B, L, D]` encoded tokens and metrics: `auxiliary_loss`, the sum of

@@ -55,7 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.nn import config_util
+from moe.config import schema
 from moe.nn import moe_layer
 from moe.nn import transformer
 
@@ -182,18 +182,21 @@ def create_model(config: Any = None, **overrides) -> VisionTransformer:
   Returns:
     The unbound `VisionTransformer`.
   """
-  fields = {**config_util.to_dict(config), **overrides}
+  fields = {**schema.to_dict(config, "config.model"), **overrides}
   fields.pop("name", None)
   variant = fields.pop("variant", None)
   if variant is not None:
     defaults = decode_variant(variant)
     encoder = {**defaults.pop("encoder"), **fields.get("encoder", {})}
     fields = {**defaults, **fields, "encoder": encoder}
-  config_util.check_fields(VisionTransformer, fields, "model")
+  schema.check_unknown_fields(
+      fields, ("name", "variant") + schema.field_names(VisionTransformer),
+      "config.model")
   encoder = dict(fields.get("encoder", {}))
-  config_util.check_fields(transformer.Encoder, encoder, "model.encoder")
+  schema.check_unknown_fields(encoder, schema.field_names(transformer.Encoder),
+                              "config.model.encoder")
   if encoder.get("moe") is not None:
-    moe = {k: v for k, v in encoder["moe"].items() if k != "layers"}
-    config_util.check_fields(moe_layer.MoeMlpBlock, moe, "model.encoder.moe",
-                             exclude=("mlp_dim", "dropout_rate"))
+    schema.check_unknown_fields(
+        encoder["moe"], ("layers",) + moe_layer.MOE_CONFIG_FIELDS,
+        "config.model.encoder.moe")
   return VisionTransformer(**fields)

@@ -1,6 +1,6 @@
 """The one scalar per row that defines the regularised top-k operators.
 
-Both regularised top-k operators of DESIGN.md §2 reduce, row by row, to a
+Both regularised top-k operators of docs/design.md §2 reduce, row by row, to a
 monotone scalar equation in one unknown `t` (r = q - 1 = 1 / (p - 1)):
 
 * mask (`t` is the threshold τ):
@@ -24,6 +24,12 @@ and falls back to bisection whenever the segment step leaves it, so it always
 converges; once the iterate is in the root's segment the closed-form step is
 exact, and the loop stops on the next pass. Every pass is O(n) and vectorised
 over all rows: no sort, no n x n matrix.
+
+One pass (`_solver_pass`, the body of a `lax.while_loop` over `_SolverState`):
+`_stats` sums over A and B at t, `_residual` gives F(t) - k, `_update_bracket`
+moves an end of [lo, hi] to t, `_segment_step` proposes the closed-form step,
+`_settled` tests it and the bracket against the tolerance, and `_next_iterate`
+picks the step, regula falsi or bisection.
 """
 from __future__ import annotations
 
@@ -65,7 +71,7 @@ def cap_width(t, regularization: float, p: float, magnitude: bool):
   return regularization * jnp.power(jnp.maximum(t, 0.0), p - 1.0)
 
 
-def _safe_pow(d, power: float, where):
+def safe_pow(d, power: float, where):
   """d**power on `where`, 0 elsewhere, with finite derivatives everywhere."""
   if power == 1.0:
     return jnp.where(where, d, 0.0)
@@ -94,8 +100,34 @@ def _row_sums(columns):
   return sums
 
 
-def _stats(z, t, k, regularization: float, p: float, magnitude: bool):
-  del k
+def _power_columns(d, partial, r: float):
+  """The columns Σ_B sums over: d, and d², d³ (r = 3) or d^r, d^(r-1)."""
+  db = jnp.where(partial, d, 0.0)
+  if r == 3.0:
+    sq = db * db
+    return [db, sq, sq * db]
+  if r == 1.0:
+    return [db]
+  return [db, safe_pow(d, r, partial), safe_pow(d, r - 1.0, partial)]
+
+
+def _power_stats(num_capped, num_partial, sums, r: float) -> _Stats:
+  """_Stats from the counts and the sums of `_power_columns`."""
+  s1 = sums[0]
+  s2 = s3 = jnp.zeros_like(s1)
+  if r == 3.0:
+    s2, s3 = sums[1], sums[2]
+    s_r, s_r1 = s3, s2
+  elif r == 1.0:
+    s_r, s_r1 = s1, num_partial
+  else:
+    s_r, s_r1 = sums[1], sums[2]
+  return _Stats(num_capped=num_capped, num_partial=num_partial,
+                s1=s1, s2=s2, s3=s3, s_r=s_r, s_r1=s_r1)
+
+
+def _stats(z, t, regularization: float, p: float, magnitude: bool) -> _Stats:
+  """The sums over the capped and partial sets at the iterate t."""
   r = exponent(p)
   d = z - t
   # Entries within rounding of the cap count as partial, at most at the cap:
@@ -106,7 +138,6 @@ def _stats(z, t, k, regularization: float, p: float, magnitude: bool):
   capped = d >= width + 16.0 * jnp.finfo(z.dtype).eps * (jnp.abs(t) + width)
   partial = (d > 0) & ~capped
   d = jnp.minimum(d, width)
-  db = jnp.where(partial, d, 0.0)
   # Both counts in one column, |capped| * (N + 1) + |partial|, while exact.
   base = z.shape[-1] + 1
   packed = base * base < 2 ** (jnp.finfo(z.dtype).nmant + 1)
@@ -114,32 +145,13 @@ def _stats(z, t, k, regularization: float, p: float, magnitude: bool):
     counts = [jnp.where(capped, float(base), partial.astype(z.dtype))]
   else:
     counts = [capped.astype(z.dtype), partial.astype(z.dtype)]
-  if r == 3.0:
-    sq = db * db
-    powers = [db, sq, sq * db]
-  elif r == 1.0:
-    powers = [db]
-  else:
-    powers = [db, _safe_pow(d, r, partial), _safe_pow(d, r - 1.0, partial)]
-  sums = _row_sums(counts + powers)
+  sums = _row_sums(counts + _power_columns(d, partial, r))
   if packed:
     num_capped = jnp.floor(sums[0] / base)
     num_partial, sums = sums[0] - base * num_capped, sums[1:]
   else:
     (num_capped, num_partial), sums = sums[:2], sums[2:]
-  s1 = sums[0]
-  zero = jnp.zeros_like(t)
-  if r == 3.0:
-    s2, s3 = sums[1], sums[2]
-    s_r, s_r1 = s3, s2
-  elif r == 1.0:
-    s2 = s3 = zero
-    s_r, s_r1 = s1, num_partial
-  else:
-    s2 = s3 = zero
-    s_r, s_r1 = sums[1], sums[2]
-  return _Stats(num_capped=num_capped, num_partial=num_partial,
-                s1=s1, s2=s2, s3=s3, s_r=s_r, s_r1=s_r1)
+  return _power_stats(num_capped, num_partial, sums, r)
 
 
 def _cubic_root(p_coef, q_coef):
@@ -211,6 +223,126 @@ def _initial_bracket(z, k: int, regularization: float, magnitude: bool):
   return lo, jnp.max(z, axis=-1, keepdims=True)
 
 
+class _Problem(NamedTuple):
+  """What every solver pass reads: the rows, the constants and tolerances."""
+  z: jnp.ndarray
+  k: int
+  regularization: float
+  p: float
+  magnitude: bool
+  tol: jnp.ndarray  # [..., 1]: steps and brackets this short have converged
+  res_tol: float  # |F(t) - k| this small is a root
+  nonzero: jnp.ndarray | None  # magnitude: nonzero entries per row, [..., 1]
+
+
+class _SolverState(NamedTuple):
+  """The `lax.while_loop` carry: per row [..., 1], except `passes`."""
+  t: jnp.ndarray  # the iterate
+  lo: jnp.ndarray  # the bracket [lo, hi]: F(lo) >= k > F(hi)
+  hi: jnp.ndarray
+  res_lo: jnp.ndarray  # F(lo) - k and F(hi) - k, NaN until evaluated
+  res_hi: jnp.ndarray
+  fell_back: jnp.ndarray  # the last pass fell back: the next fallback bisects
+  done: jnp.ndarray
+  passes: jnp.ndarray  # int32 scalar: passes over the data so far
+
+
+def _tolerances(z, k: int, lo, hi, regularization: float, magnitude: bool):
+  """(tol, res_tol): the step and bracket tolerance [..., 1]; the residual's."""
+  eps = jnp.finfo(z.dtype).eps
+  scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  if not magnitude:
+    scale = scale + regularization
+  # Mask: the output moves by at most |F - k| when t moves, so stopping at the
+  # rounding error of F is exact for every digit shown. Magnitude: the output
+  # has a linear term (s - γ) that does not vanish with F - k on a flat
+  # stretch of F, so only an exact residual (or the step/bracket tests) stops.
+  res_tol = 0.0 if magnitude else (
+      4.0 * eps * k * max(1, math.ceil(math.log2(z.shape[-1]))))
+  return 4.0 * eps * scale, res_tol
+
+
+def _segment_rhs(st: _Stats, t, problem: _Problem):
+  """(c0, c1) of the segment equation Σ_B (d - δ)^r = c0 + c1 δ at t."""
+  c = problem.regularization ** exponent(problem.p) * (
+      problem.k - st.num_capped)
+  return (c * t, c) if problem.magnitude else (c, jnp.zeros_like(c))
+
+
+def _residual(st: _Stats, t, c0, problem: _Problem):
+  """(res, positive): res = F(t) - k, trusted as a root test where positive."""
+  scale_r = problem.regularization ** exponent(problem.p)
+  if not problem.magnitude:
+    return (st.s_r - c0) / scale_r, jnp.ones_like(t, dtype=bool)
+  # For the magnitude F is scaled by 1/t; at t = 0 every nonzero entry is
+  # capped (more than k of them on rows still running).
+  positive = t > 0
+  res = jnp.where(positive, (st.s_r - c0) / (scale_r * jnp.where(
+      positive, t, 1.0)), problem.nonzero - problem.k)
+  return res, positive
+
+
+def _update_bracket(state: _SolverState, res) -> _SolverState:
+  """Moves lo (where res >= 0) or hi (elsewhere) to t, with its residual."""
+  at_least_k = res >= 0
+  return state._replace(
+      lo=jnp.where(at_least_k, state.t, state.lo),
+      res_lo=jnp.where(at_least_k, res, state.res_lo),
+      hi=jnp.where(at_least_k, state.hi, state.t),
+      res_hi=jnp.where(at_least_k, state.res_hi, res))
+
+
+def _settled(bracket: _SolverState, cand, tol):
+  """(inside, settled): cand in the bracket; the step or bracket within tol."""
+  inside = (cand >= bracket.lo) & (cand <= bracket.hi)
+  converged = inside & (jnp.abs(cand - bracket.t) <= tol)
+  return inside, converged | (bracket.hi - bracket.lo <= tol)
+
+
+def _next_iterate(bracket: _SolverState, cand):
+  """(next, stepped): the segment step cand where it lands strictly inside.
+
+  A step must land strictly inside the bracket: a step back onto an end that
+  was already evaluated means the segment was the wrong one. Then fall back to
+  regula falsi on the bracket (the root often sits next to a breakpoint), and
+  to bisection every other time so the bracket halves.
+  """
+  lo, hi = bracket.lo, bracket.hi
+  interior = lambda v: (v > lo) & (v < hi)
+  secant = lo + (hi - lo) * bracket.res_lo / (bracket.res_lo - bracket.res_hi)
+  use_secant = ~bracket.fell_back & interior(secant)
+  fallback = jnp.where(use_secant, secant, 0.5 * (lo + hi))
+  stepped = interior(cand)
+  return jnp.where(stepped, cand, fallback), stepped
+
+
+def _solver_pass(problem: _Problem, state: _SolverState) -> _SolverState:
+  """One pass over the data: the residual, the bracket and the next iterate."""
+  st = _stats(problem.z, state.t, problem.regularization, problem.p,
+              problem.magnitude)
+  c0, c1 = _segment_rhs(st, state.t, problem)
+  res, positive = _residual(st, state.t, c0, problem)
+  bracket = _update_bracket(state, res)
+  cand = state.t + _segment_step(st, c0, c1, problem.p)
+  inside, settled = _settled(bracket, cand, problem.tol)
+  nxt, stepped = _next_iterate(bracket, cand)
+  nxt = jnp.where(settled, jnp.where(inside, cand, state.t), nxt)
+  # F(t) = k to the rounding error of the sum F itself: t is a root for every
+  # digit the output can show.
+  exact = (jnp.abs(res) <= problem.res_tol) & positive
+  done = state.done | settled | exact
+  return bracket._replace(
+      t=jnp.where(state.done | exact, state.t, nxt),
+      lo=jnp.where(done, state.lo, bracket.lo),
+      hi=jnp.where(done, state.hi, bracket.hi),
+      fell_back=~stepped & ~state.fell_back,
+      done=done, passes=state.passes + 1)
+
+
+def _running(state: _SolverState):
+  return (state.passes < _MAX_ITER) & ~jnp.all(state.done)
+
+
 def solve_threshold(z, k: int, regularization: float, p: float,
                     magnitude: bool):
   """Solves F(t) = k row by row; `solve_threshold_counting_passes` says how."""
@@ -235,77 +367,23 @@ def solve_threshold_counting_passes(z, k: int, regularization: float,
     solver passes over the data (after the bracket), the same for all rows.
     Not differentiable by itself: `topk.py` wraps it in a custom JVP.
   """
-  r = exponent(p)
   lo, hi = _initial_bracket(z, k, regularization, magnitude)
   finite = jnp.all(jnp.isfinite(z), axis=-1, keepdims=True)
-  eps = jnp.finfo(z.dtype).eps
-  scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-  if not magnitude:
-    scale = scale + regularization
-  tol = 4.0 * eps * scale
+  tol, res_tol = _tolerances(z, k, lo, hi, regularization, magnitude)
   if magnitude:
     # With at most k nonzero magnitudes the solution is γ = 0 (keep them all).
     nonzero = jnp.sum((z > 0).astype(z.dtype), axis=-1, keepdims=True)
     trivial = nonzero <= k
   else:
-    trivial = jnp.zeros_like(finite)
-  done = ~finite | trivial
+    nonzero, trivial = None, jnp.zeros_like(finite)
   t = jnp.where(trivial, 0.0, lo)
-
   unknown = jnp.full_like(t, jnp.nan)
-  # Mask: the output moves by at most |F - k| when t moves, so stopping at the
-  # rounding error of F is exact for every digit shown. Magnitude: the output
-  # has a linear term (s - γ) that does not vanish with F - k on a flat
-  # stretch of F, so only an exact residual (or the step/bracket tests) stops.
-  res_tol = 0.0 if magnitude else (
-      4.0 * eps * k * max(1, math.ceil(math.log2(z.shape[-1]))))
-  scale_r = regularization ** r
-
-  def cond(state):
-    done, it = state[4], state[-1]
-    return (it < _MAX_ITER) & ~jnp.all(done)
-
-  def body(state):
-    t, lo, hi, (res_lo, res_hi, fell_back), done, it = state
-    st = _stats(z, t, k, regularization, p, magnitude)
-    c = scale_r * (k - st.num_capped)
-    c0, c1 = (c * t, c) if magnitude else (c, jnp.zeros_like(c))
-    # res = F(t) - k. For the magnitude F is scaled by 1/t; at t = 0 every
-    # nonzero entry is capped (more than k of them on rows still running).
-    if magnitude:
-      positive = t > 0
-      res = jnp.where(positive, (st.s_r - c0) / (scale_r * jnp.where(
-          positive, t, 1.0)), nonzero - k)
-    else:
-      positive = jnp.ones_like(done)
-      res = (st.s_r - c0) / scale_r
-    at_least_k = res >= 0
-    lo_new, res_lo = jnp.where(at_least_k, t, lo), jnp.where(at_least_k, res, res_lo)
-    hi_new, res_hi = jnp.where(at_least_k, hi, t), jnp.where(at_least_k, res_hi, res)
-    cand = t + _segment_step(st, c0, c1, p)
-    inside = (cand >= lo_new) & (cand <= hi_new)
-    # A step must land strictly inside the bracket: a step back onto an end
-    # that was already evaluated means the segment was the wrong one. Then
-    # fall back to regula falsi on the bracket (the root often sits next to a
-    # breakpoint), and to bisection every other time so the bracket halves.
-    interior = lambda v: (v > lo_new) & (v < hi_new)
-    secant = lo_new + (hi_new - lo_new) * res_lo / (res_lo - res_hi)
-    use_secant = ~fell_back & interior(secant)
-    fallback = jnp.where(use_secant, secant, 0.5 * (lo_new + hi_new))
-    converged = inside & (jnp.abs(cand - t) <= tol)
-    bracket_done = hi_new - lo_new <= tol
-    nxt = jnp.where(interior(cand), cand, fallback)
-    nxt = jnp.where(converged | bracket_done, jnp.where(inside, cand, t), nxt)
-    # F(t) = k to the rounding error of the sum F itself: t is a root for
-    # every digit the output can show.
-    exact = (jnp.abs(res) <= res_tol) & positive
-    t = jnp.where(done | exact, t, nxt)
-    fell_back = ~interior(cand) & ~fell_back
-    done = done | converged | bracket_done | exact
-    return (t, jnp.where(done, lo, lo_new), jnp.where(done, hi, hi_new),
-            (res_lo, res_hi, fell_back), done, it + 1)
-
-  init = (t, lo, hi, (unknown, unknown, jnp.zeros_like(done)), done,
-          jnp.int32(0))
-  final = jax.lax.while_loop(cond, body, init)
-  return jnp.where(finite, final[0], jnp.nan), final[-1]
+  init = _SolverState(t=t, lo=lo, hi=hi, res_lo=unknown, res_hi=unknown,
+                      fell_back=jnp.zeros_like(finite), done=~finite | trivial,
+                      passes=jnp.int32(0))
+  problem = _Problem(z=z, k=k, regularization=regularization, p=p,
+                     magnitude=magnitude, tol=tol, res_tol=res_tol,
+                     nonzero=nonzero)
+  final = jax.lax.while_loop(
+      _running, functools.partial(_solver_pass, problem), init)
+  return jnp.where(finite, final.t, jnp.nan), final.passes

@@ -1,13 +1,14 @@
 """Differentiable and exactly sparse top-k operators (Sander et al., ICML 2023).
 
-Notation (DESIGN.md §2): x in R^N along `axis` (any leading shape), 1 <= k <= N,
-l = `regularization` > 0, p > 1, q = p / (p - 1), r = q - 1 = 1 / (p - 1).
+Notation (docs/design.md §2): x in R^N along `axis` (any leading shape),
+1 <= k <= N, l = `regularization` > 0, p > 1, q = p / (p - 1),
+r = q - 1 = 1 / (p - 1).
 
 * `topk_mask(x, k)`: y = argmax_{y in [0,1]^N, Σy = k} <x, y> - (l/p) Σ y_i^p,
   that is y_i = clip(((x_i - τ)/l)_+^r, 0, 1) with one threshold τ per row.
 * `topk_magnitude(x, k)`: the paper's regularised top-k in magnitude. With
   s = |x| and γ >= 0 the value of the one isotonic block that straddles
-  position k (DESIGN.md §2), entry i is
+  position k (docs/design.md §2), entry i is
       sign(x_i) s_i                              if s_i >= γ + l γ^(p-1),
       sign(x_i) (((s_i - γ)/l)^r + s_i - γ)      if γ < s_i < γ + l γ^(p-1),
       0                                          if s_i <= γ;
@@ -70,7 +71,7 @@ def _partial_set(z, t, regularization: float, p: float, magnitude: bool):
 
 def _partial_power(d, partial, regularization: float, power: float):
   """((d / l)^power) on the partial set, 0 elsewhere."""
-  return threshold_lib._safe_pow(d / regularization, power, partial)  # pylint: disable=protected-access
+  return threshold_lib.safe_pow(d / regularization, power, partial)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
@@ -226,10 +227,7 @@ def hard_topk_mask(x, k, *, axis=-1):
 def hard_topk_magnitude(x, k, *, axis=-1):
   """Hard top-k in magnitude: x on its k entries of largest |x|, 0 elsewhere.
 
-  Args:
-    x: [..., N, ...] floating array.
-    k: Python int in 1..N.
-    axis: the axis to select along.
+  Args and errors as `hard_topk_mask`.
 
   Returns:
     x times the hard mask of |x| (exactly k kept entries per row, ties to the

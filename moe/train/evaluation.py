@@ -14,7 +14,7 @@ from clu import metrics as clu_metrics
 import jax
 import numpy as np
 
-from moe.train import partitioning
+from moe.parallel import partitioning
 from moe.train import tasks
 from moe.train import train_state
 

@@ -1,7 +1,8 @@
 """Per-example classification losses, chosen by name in `config.task.loss`.
 
-Every loss maps logits `[B, C]` and label weights `[B, C]` (one-hot,
-multi-hot or smoothed) to per-example losses `[B]`; the task averages them.
+Every loss maps logits `[B, num_classes]` and label weights
+`[B, num_classes]` (one-hot, multi-hot or smoothed) to per-example losses
+`[B]`; the task averages them.
 A loss's options (keyword-only arguments, e.g. those of `topk_xent`) come
 from `config.task.loss_options`, checked by `create_loss`.
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from moe import ops
+from moe.config import schema
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -87,7 +89,7 @@ def topk_xent(logits: jax.Array, labels: jax.Array, *,
   default top1_mode="sm"), in which Sander et al., "Fast, Differentiable and
   Sparse Top-k: a Convex Analysis Perspective" (ICML 2023, arXiv 2302.01425,
   §6) replace the relaxed sorting network by their sparse soft top-k mask.
-  With z = logits [C], y = labels [C], w = topk_weights = (w_1, ..., w_K)
+  With z = logits [num_classes], y = labels [num_classes], w = topk_weights = (w_1, ..., w_K)
   (Petersen's P_K: w_k weighs "the label is among the top k", w >= 0,
   Σ w = 1) and m_k(z) = `moe.ops.topk_mask(z, k, regularization, p)` (values
   in [0, 1], summing to k, exactly 0 outside a support):
@@ -110,9 +112,9 @@ def topk_xent(logits: jax.Array, labels: jax.Array, *,
   top-k accuracy terms, no gradient).
 
   Args:
-    logits: `[B, C]`.
-    labels: `[B, C]` label weights (one-hot, multi-hot or smoothed).
-    topk_weights: (w_1, ..., w_K), K <= C.
+    logits: `[B, num_classes]`.
+    labels: `[B, num_classes]` label weights (one-hot, multi-hot or smoothed).
+    topk_weights: (w_1, ..., w_K), K <= num_classes.
     regularization: λ > 0 of `topk_mask`, in logit units.
     p: p > 1 of `topk_mask` (2: piecewise linear, 4/3: smooth).
     epsilon: ε in [0, 0.5); must be > 0 when w_1 = 0.
@@ -121,7 +123,7 @@ def topk_xent(logits: jax.Array, labels: jax.Array, *,
     `[B]` per-example losses.
 
   Raises:
-    ValueError: bad options (`check_topk_xent_options`) or K > C.
+    ValueError: bad options (`check_topk_xent_options`) or K > num_classes.
   """
   weights = check_topk_xent_options(topk_weights, regularization, p, epsilon)
   num_classes = logits.shape[-1]
@@ -159,9 +161,7 @@ def loss_option_names(name: str) -> tuple[str, ...]:
 
 def default_loss_options(name: str) -> dict[str, Any]:
   """The options of loss `name` with their default values."""
-  if name not in LOSSES:
-    raise ValueError(f"loss must be one of "
-                     f"{', '.join(repr(n) for n in LOSSES)}; got {name!r}.")
+  schema.check_choice(name, "config.task.loss", tuple(LOSSES))
   parameters = inspect.signature(LOSSES[name]).parameters
   return {option: parameters[option].default
           for option in loss_option_names(name)}
@@ -179,22 +179,17 @@ def create_loss(name: str, options: Mapping[str, Any] | None = None,
     field: the config section quoted in error messages.
 
   Returns:
-    A function (logits [B, C], labels [B, C]) -> [B].
+    A function (logits [B, num_classes], labels [B, num_classes]) -> [B].
 
   Raises:
     ValueError: unknown loss, an option the loss does not take, or a bad
       option value.
   """
-  if name not in LOSSES:
-    raise ValueError(f"{field}.loss must be one of "
-                     f"{', '.join(repr(n) for n in LOSSES)}; got {name!r}.")
+  schema.check_choice(name, f"{field}.loss", tuple(LOSSES))
   options = dict(options or {})
   allowed = loss_option_names(name)
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ValueError(
-        f"{field}.loss_options has unknown field(s) {', '.join(unknown)} for "
-        f"loss {name!r}; allowed: {', '.join(allowed) or 'none'}.")
+  schema.check_unknown_fields(options, allowed,
+                              f"{field}.loss_options of loss {name!r}")
   if name == "topk_xent":
     defaults = inspect.signature(topk_xent).parameters
     merged = {key: options.get(key, defaults[key].default) for key in allowed}

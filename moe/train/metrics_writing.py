@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moe.train import multihost
+from moe.parallel import multihost
 
 
 class Reporter:

@@ -23,18 +23,20 @@ gradient for sgd and adam; decoupled, after the Adam scaling, for adamw),
 momentum or Adam scaling, multiplication by -learning_rate(update), and the
 per-regex learning-rate multiplier. Frozen parameters get an update of exactly
 zero and no optimizer state (no moments, no accumulated gradients). `tx.update`
-must be given the parameters.
+must be given the parameters. `tx.init(params)` raises a ValueError naming the
+regex and its field if a regex of `frozen_params`, `lr_mults` or (with weight
+decay) `weight_decay_params` / `weight_decay_exclude` matches no parameter.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import optax
 
-from moe.train import config_fields
-from moe.train import param_names
+from moe.config import schema
+from moe.config import param_names
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 SCHEDULE_NAMES = ("warmup_cosine", "warmup_linear", "warmup_rsqrt", "constant")
@@ -73,12 +75,12 @@ class ScheduleConfig:
 
   def __post_init__(self):
     field = "config.optimizer.schedule"
-    config_fields.check_choice(self.name, f"{field}.name", SCHEDULE_NAMES)
-    config_fields.check_int(self.warmup_steps, f"{field}.warmup_steps", 0)
+    schema.check_choice(self.name, f"{field}.name", SCHEDULE_NAMES)
+    schema.check_int(self.warmup_steps, f"{field}.warmup_steps", 0)
     if self.decay_steps is not None:
-      config_fields.check_int(self.decay_steps, f"{field}.decay_steps", 1)
-    config_fields.check_number(self.end_value, f"{field}.end_value")
-    config_fields.check_int(self.timescale, f"{field}.timescale", 1)
+      schema.check_int(self.decay_steps, f"{field}.decay_steps", 1)
+    schema.check_number(self.end_value, f"{field}.end_value")
+    schema.check_int(self.timescale, f"{field}.timescale", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,30 +129,29 @@ class OptimizerConfig:
 
   def __post_init__(self):
     field = "config.optimizer"
-    config_fields.check_choice(self.name, f"{field}.name", OPTIMIZER_NAMES)
-    config_fields.check_number(self.learning_rate, f"{field}.learning_rate")
+    schema.check_choice(self.name, f"{field}.name", OPTIMIZER_NAMES)
+    schema.check_number(self.learning_rate, f"{field}.learning_rate")
     for name in ("momentum", "weight_decay", "eps"):
-      config_fields.check_number(getattr(self, name), f"{field}.{name}")
+      schema.check_number(getattr(self, name), f"{field}.{name}")
     if self.grad_clip_norm is not None:
-      config_fields.check_number(self.grad_clip_norm,
-                                 f"{field}.grad_clip_norm", strict=True)
-    config_fields.check_int(self.accumulation_steps,
-                            f"{field}.accumulation_steps", 1)
+      schema.check_number(self.grad_clip_norm,
+                          f"{field}.grad_clip_norm", strict=True)
+    schema.check_int(self.accumulation_steps,
+                     f"{field}.accumulation_steps", 1)
     for regex, multiplier in param_names.compile_rules(self.lr_mults,
                                                        f"{field}.lr_mults"):
-      config_fields.check_number(
+      schema.check_number(
           multiplier, f"{field}.lr_mults multiplier of {regex.pattern!r}")
 
   @classmethod
   def from_config(cls, config: Any) -> "OptimizerConfig":
     """Parses `config.optimizer` (a ConfigDict or a dict)."""
-    values = config_fields.section_to_dict(config)
-    schedule = config_fields.parse_section(
+    values = schema.to_dict(config, "config.optimizer")
+    schedule = schema.parse_section(
         ScheduleConfig, values.pop("schedule", None),
         "config.optimizer.schedule")
-    return dataclasses.replace(
-        config_fields.parse_section(cls, values, "config.optimizer"),
-        schedule=schedule)
+    return schema.parse_section(cls, values, "config.optimizer",
+                                schedule=schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +262,7 @@ def create_optimizer(config: Any, total_steps: int | None = None) -> Optimizer:
     tx = optax.multi_transform(
         {_TRAINABLE: tx, _FROZEN: optax.set_to_zero()},
         _frozen_labels_fn(config.frozen_params))
+  tx = checking_param_regexes(tx, _param_regexes(config))
   return Optimizer(tx=tx, schedule=schedule,
                    accumulation_steps=config.accumulation_steps)
 
@@ -321,17 +323,45 @@ def weight_decay_mask_fn(
 
 def _frozen_labels_fn(frozen: Sequence[str]) -> Callable[[Any], Any]:
   """Returns params -> tree of 'frozen' or 'trainable' labels."""
-  field = "config.optimizer.frozen_params"
-  patterns = param_names.compile_regexes(frozen, field)
+  patterns = param_names.compile_regexes(frozen,
+                                         "config.optimizer.frozen_params")
+  return lambda params: param_names.map_with_names(
+      lambda name, _: (_FROZEN if param_names.matches_any(patterns, name)
+                       else _TRAINABLE), params)
 
-  def labels(params):
+
+def _param_regexes(config: OptimizerConfig) -> dict[str, Sequence[str]]:
+  """The regexes of `config` that must each select a parameter, by field."""
+  field = "config.optimizer"
+  regexes = {f"{field}.frozen_params": config.frozen_params}
+  if config.weight_decay > 0:
+    regexes[f"{field}.weight_decay_params"] = config.weight_decay_params
+    regexes[f"{field}.weight_decay_exclude"] = config.weight_decay_exclude
+  return regexes
+
+
+def checking_param_regexes(
+    tx: optax.GradientTransformation,
+    regexes: Mapping[str, Sequence[str]]) -> optax.GradientTransformation:
+  """Returns `tx` whose `init` first checks regexes against the params.
+
+  Args:
+    tx: the transformation; its state and updates are unchanged.
+    regexes: config field -> regexes over parameter names.
+
+  Returns:
+    `tx` with an `init(params)` that raises a ValueError naming the regex
+    and the field if a regex matches no parameter.
+  """
+
+  def init_fn(params):
     names = [name for name, _ in param_names.named_leaves(params)]
-    param_names.check_every_pattern_matches(patterns, names, field)
-    return param_names.map_with_names(
-        lambda name, _: (_FROZEN if param_names.matches_any(patterns, name)
-                         else _TRAINABLE), params)
+    for field, field_regexes in regexes.items():
+      param_names.check_every_pattern_matches(
+          param_names.compile_regexes(field_regexes, field), names, field)
+    return tx.init(params)
 
-  return labels
+  return optax.GradientTransformation(init_fn, tx.update)
 
 
 def scale_by_regex_multipliers(

@@ -23,7 +23,7 @@ key of `TASKS`, the other `config.task` fields are that task's options.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from clu import metrics as clu_metrics
 import flax.linen as nn
@@ -34,7 +34,7 @@ import optax
 
 from moe import data as data_lib
 from moe.nn import models
-from moe.train import config_fields
+from moe.config import schema
 from moe.train import losses
 
 Batch = Mapping[str, jax.Array]
@@ -86,9 +86,9 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """Whether one of the k highest logits is a positive label.
 
   Args:
-    logits: `[B, C]`.
-    labels: `[B, C]`, one-hot or multi-hot (positive where > 0).
-    k: number of predictions; capped at C.
+    logits: `[B, num_classes]`.
+    labels: `[B, num_classes]`, one-hot or multi-hot (positive where > 0).
+    k: number of predictions; capped at num_classes.
 
   Returns:
     float32 `[B]`, 1 where a top-k prediction is a positive label.
@@ -138,22 +138,24 @@ class ClassificationTask:
 
   Attributes:
     model: flax module, `model.apply(variables, inputs, train=...)` returns
-      `(logits [B, C], metrics)`; used for training.
+      `(logits [B, num_classes], metrics)`; used for training.
     eval_model: the module used for evaluation; it must have the parameters
       of `model` (e.g. the same model with another capacity factor).
-    dataset: the dataset config (`moe.data.default_config()`).
+    dataset: the dataset config (`moe.data.DatasetConfig`).
     loss: key of `moe.train.losses.LOSSES`.
-    label_smoothing: s; train labels become `labels * (1 - s) + s / C`.
+    label_smoothing: s; train labels become
+      `labels * (1 - s) + s / num_classes`.
     aux_loss_weight: weight of the model's `auxiliary_loss`.
     inputs_key: batch entry fed to the model.
-    labels_key: batch entry holding `[B, C]` one-hot or multi-hot labels.
+    labels_key: batch entry holding `[B, num_classes]` one-hot or multi-hot
+      labels.
     loss_options: the loss's options (`moe.train.losses.create_loss`), e.g.
       `{"topk_weights": (0.5, 0, 0, 0, 0.5)}` for "topk_xent"; empty: its
       defaults.
   """
   model: nn.Module
   eval_model: nn.Module
-  dataset: ml_collections.ConfigDict
+  dataset: data_lib.DatasetConfig
   loss: str = "softmax_xent"
   label_smoothing: float = 0.0
   aux_loss_weight: float = 0.01
@@ -166,8 +168,41 @@ class ClassificationTask:
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f"config.task.label_smoothing must be in [0, 1), got "
                        f"{self.label_smoothing!r}.")
-    config_fields.check_number(self.aux_loss_weight,
-                               "config.task.aux_loss_weight")
+    schema.check_number(self.aux_loss_weight, "config.task.aux_loss_weight")
+
+  @classmethod
+  def config_fields(cls) -> tuple[str, ...]:
+    """The attributes that `config.task` sets (all but modules and data)."""
+    return tuple(name for name in schema.field_names(cls)
+                 if name not in ("model", "eval_model", "dataset"))
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict
+                  ) -> "ClassificationTask":
+    """Builds the task from the whole experiment config.
+
+    Reads `config.task` (the task's attributes except the modules and the
+    dataset), `config.model`, `config.dataset` and
+    `config.evaluation.model_overrides` (merged into `config.model` to build
+    `eval_model`).
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      The task.
+    """
+    options = schema.to_dict(config.task, "config.task")
+    options.pop("name", None)
+    schema.check_unknown_fields(options, ("name",) + cls.config_fields(),
+                                "config.task")
+    overrides = config.get("evaluation", {}).get("model_overrides")
+    return cls(
+        model=models.build_model(config.model),
+        eval_model=models.build_model(
+            merged_model_config(config.model, overrides)),
+        dataset=data_lib.DatasetConfig.from_config(config.dataset),
+        **options)
 
   def loss_fn(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example losses `[B]` of the configured loss and options."""
@@ -222,53 +257,31 @@ class ClassificationTask:
 
 def merged_model_config(model: Any, overrides: Any) -> dict[str, Any]:
   """Returns `model` (a config section) with `overrides` merged in, deeply."""
-  merged = dict(config_fields.section_to_dict(model))
-  for key, value in config_fields.section_to_dict(overrides).items():
+  merged = schema.to_dict(model, "config.model")
+  for key, value in schema.to_dict(
+      overrides, "config.evaluation.model_overrides").items():
     if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
       value = merged_model_config(merged[key], value)
     merged[key] = value
   return merged
 
 
-def create_classification_task(
-    config: ml_collections.ConfigDict) -> ClassificationTask:
-  """Builds a `ClassificationTask` from the whole experiment config.
-
-  Reads `config.task` (the task's attributes except the modules and the
-  dataset), `config.model`, `config.dataset` and
-  `config.evaluation.model_overrides` (merged into `config.model` to build
-  `eval_model`).
-
-  Args:
-    config: the experiment config.
-
-  Returns:
-    The task.
-  """
-  options = config_fields.section_to_dict(config.task)
-  options.pop("name", None)
-  allowed = [f.name for f in dataclasses.fields(ClassificationTask)
-             if f.name not in ("model", "eval_model", "dataset")]
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ValueError(
-        f"config.task has unknown field(s) {', '.join(unknown)}; allowed "
-        f"fields: name, {', '.join(allowed)}.")
-  overrides = config.get("evaluation", {}).get("model_overrides")
-  return ClassificationTask(
-      model=models.build_model(config.model),
-      eval_model=models.build_model(
-          merged_model_config(config.model, overrides)),
-      dataset=config.dataset, **options)
+# Task classes by `config.task.name`; each has `from_config(config)` and
+# `config_fields()`, the fields of `config.task` besides `name`.
+TASKS: dict[str, type] = {"classification": ClassificationTask}
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {
-    "classification": create_classification_task,
-}
+def default_task_config(name: str) -> ml_collections.ConfigDict:
+  """Returns the `config.task` section of task `name`, fields at defaults."""
+  schema.check_choice(name, "config.task.name", tuple(TASKS))
+  cls = TASKS[name]
+  section = schema.section_defaults(
+      cls, exclude=set(schema.field_names(cls)) - set(cls.config_fields()))
+  return ml_collections.ConfigDict({"name": name, **section})
 
 
 def create_task(config: ml_collections.ConfigDict) -> Task:
   """Returns the task `config.task.name` (a key of `TASKS`) of `config`."""
   name = config.task.get("name")
-  config_fields.check_choice(name, "config.task.name", tuple(TASKS))
-  return TASKS[name](config)
+  schema.check_choice(name, "config.task.name", tuple(TASKS))
+  return TASKS[name].from_config(config)

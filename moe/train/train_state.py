@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from moe.train import optimizers
-from moe.train import param_names
-from moe.train import partitioning
+from moe.config import param_names
+from moe.parallel import partitioning
 from moe.train import tasks
 
 PyTree = Any

@@ -8,7 +8,7 @@
      (train state and data position), or initialises a fresh state (then
      `init_params_fn`, the fine-tuning hook, may replace the parameters;
      `config.init_from.checkpoint` builds that hook, see
-     `moe.train.init_from`);
+     `moe.checkpoints.init_from`);
   3. runs the jitted train step until `config.total_steps`, writing train
      metrics every `config.logging.every_steps`, evaluating every
      `config.evaluation.every_steps` and saving checkpoints as
@@ -23,15 +23,9 @@ A restarted run resumes by itself and produces the same parameters and
 metrics as one that never stopped. A NaN or infinite train loss stops the
 run with `train_metrics.NonFiniteLossError` before anything is saved.
 
-Config fields read here (besides the sections of the other modules):
-
-  seed: int, parameters and train rng (the data has `config.dataset.seed`).
-  total_steps: int, train steps (micro-batches); with
-    `config.optimizer.accumulation_steps` = A the optimizer makes
-    total_steps / A updates.
-  evaluation: `EvaluationConfig`.
-  logging: `LoggingConfig`.
-  init_from: `moe.train.init_from.InitFromConfig` (fine-tuning).
+The config is parsed and checked as a whole first
+(`moe.config.experiment.ExperimentConfig`, which lists every section and the
+module that documents it), so a bad field fails before any work is done.
 """
 from __future__ import annotations
 
@@ -44,101 +38,20 @@ from absl import logging
 import jax
 import ml_collections
 
-from moe.train import checkpoints
-from moe.train import config_fields
+from moe import checkpoints
+from moe.checkpoints import init_from
+from moe.config import experiment as experiment_lib
+from moe.parallel import multihost
+from moe.parallel import partitioning
 from moe.train import evaluation
-from moe.train import init_from
 from moe.train import metrics_writing
-from moe.train import multihost
 from moe.train import optimizers
-from moe.train import partitioning
 from moe.train import preemption
 from moe.train import tasks
 from moe.train import train_metrics
 from moe.train import train_state
 
-# Top-level config fields; each section is documented by the module reading it.
-CONFIG_FIELDS = ("seed", "total_steps", "dataset", "model", "task",
-                 "optimizer", "mesh", "checkpoint", "evaluation", "logging",
-                 "init_from")
-
 Hook = Callable[[int, train_state.TrainState], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationConfig:
-  """Evaluation, `config.evaluation`.
-
-  Attributes:
-    every_steps: evaluate when the step is a multiple of this (and at the
-      last step).
-    model_overrides: fields merged into `config.model` to build the eval
-      model, which must have the same parameters, e.g.
-      `{"encoder": {"moe": {"num_selected_experts": 1}}}`; read by the task.
-  """
-  every_steps: int = 1000
-  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    config_fields.check_int(self.every_steps, "config.evaluation.every_steps",
-                            1)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig:
-  """Metric writing and progress reports, `config.logging`.
-
-  Attributes:
-    every_steps: write the mean train metrics every so many steps.
-    progress_every_secs: report steps/s and ETA at most this often.
-    profile: capture a jax profile of a few steps into the workdir.
-  """
-  every_steps: int = 100
-  progress_every_secs: float = 60.0
-  profile: bool = False
-
-  def __post_init__(self):
-    config_fields.check_int(self.every_steps, "config.logging.every_steps", 1)
-    config_fields.check_number(self.progress_every_secs,
-                               "config.logging.progress_every_secs",
-                               strict=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """The top-level fields of the loop (see the module docstring)."""
-  total_steps: int
-  seed: int
-  evaluation: EvaluationConfig
-  logging: LoggingConfig
-  accumulation_steps: int
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "LoopConfig":
-    """Parses and checks the loop's fields of the experiment config."""
-    unknown = sorted(set(config.keys()) - set(CONFIG_FIELDS))
-    if unknown:
-      raise ValueError(
-          f"config has unknown field(s) {', '.join(unknown)}; allowed "
-          f"fields: {', '.join(CONFIG_FIELDS)}.")
-    if "total_steps" not in config:
-      raise ValueError("config.total_steps must be set.")
-    config_fields.check_int(config.total_steps, "config.total_steps", 1)
-    seed = config.get("seed", 0)
-    config_fields.check_int(seed, "config.seed", 0)
-    accumulation = optimizers.OptimizerConfig.from_config(
-        config.optimizer).accumulation_steps
-    if config.total_steps % accumulation:
-      raise ValueError(
-          f"config.total_steps={config.total_steps} must be a multiple of "
-          f"config.optimizer.accumulation_steps={accumulation}.")
-    return cls(
-        total_steps=config.total_steps, seed=seed,
-        evaluation=config_fields.parse_section(
-            EvaluationConfig, config.get("evaluation"), "config.evaluation"),
-        logging=config_fields.parse_section(
-            LoggingConfig, config.get("logging"), "config.logging"),
-        accumulation_steps=accumulation)
 
 
 class TrainResult(NamedTuple):
@@ -190,40 +103,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The `TrainResult`.
   """
   start_time = time.monotonic()
-  loop = LoopConfig.from_config(config)
-  config_init_fn = init_from.create_init_params_fn(config.get("init_from"))
+  experiment = experiment_lib.ExperimentConfig.from_config(config)
+  config_init_fn = init_from.create_init_params_fn(experiment.init_from)
   if config_init_fn is not None and init_params_fn is not None:
     raise ValueError("train_and_evaluate: pass init_params_fn or set "
                      "config.init_from.checkpoint, not both.")
   init_params_fn = init_params_fn or config_init_fn
-  mesh_config = partitioning.MeshConfig.from_config(config.get("mesh"))
-  mesh = partitioning.create_mesh(mesh_config.expert)
+  mesh = partitioning.create_mesh(experiment.mesh.expert)
   task = tasks.create_task(config) if task is None else task
   optimizer = optimizers.create_optimizer(
-      config.optimizer, loop.total_steps // loop.accumulation_steps)
+      experiment.optimizer,
+      experiment.total_steps // experiment.optimizer.accumulation_steps)
 
   train_iter = task.make_train_iterator()
   first_batch = next(train_iter)
   batch_spec = {key: jax.ShapeDtypeStruct(x.shape, x.dtype) for key, x in
                 partitioning.shard_batch(first_batch, mesh).items()}
   layout = train_state.StateLayout.create(task, optimizer, batch_spec, mesh,
-                                          mesh_config)
-  checkpointer = checkpoints.Checkpointer.from_config(
-      workdir, config.get("checkpoint"))
+                                          experiment.mesh)
+  checkpointer = checkpoints.Checkpointer.from_config(workdir,
+                                                      experiment.checkpoint)
   state, batches = _resume_or_start(checkpointer, layout, train_iter,
-                                    first_batch, loop.seed, init_params_fn)
+                                    first_batch, experiment.seed,
+                                    init_params_fn)
 
   reporter = metrics_writing.Reporter(
-      workdir, loop.total_steps,
-      progress_every_secs=loop.logging.progress_every_secs,
-      profile=loop.logging.profile)
+      workdir, experiment.total_steps,
+      progress_every_secs=experiment.logging.progress_every_secs,
+      profile=experiment.logging.profile)
   reporter.write_hparams(config)
   single_process = jax.process_count() == 1
   reporter.log_parameter_overview(
       state.params if single_process else layout.abstract.params,
       include_stats=single_process)
 
-  run = _Run(loop=loop, layout=layout, checkpointer=checkpointer,
+  run = _Run(experiment=experiment, layout=layout, checkpointer=checkpointer,
              reporter=reporter, evaluator=evaluation.Evaluator(task, layout),
              train_iter=train_iter, hooks=tuple(hooks))
   try:
@@ -270,7 +184,7 @@ def _resume_or_start(
 @dataclasses.dataclass
 class _Run:
   """The parts the loop drives; `train` runs the steps."""
-  loop: LoopConfig
+  experiment: experiment_lib.ExperimentConfig
   layout: train_state.StateLayout
   checkpointer: checkpoints.Checkpointer
   reporter: metrics_writing.Reporter
@@ -282,7 +196,7 @@ class _Run:
             batches: Iterator[dict[str, Any]],
             start_time: float) -> TrainResult:
     """Runs the steps from `state.step` to `total_steps`."""
-    total_steps = self.loop.total_steps
+    total_steps = self.experiment.total_steps
     train_step = train_state.make_train_step(self.layout)
     pending = train_metrics.TrainMetrics()
     step = int(metrics_writing.to_host_scalar(state.step))
@@ -303,9 +217,9 @@ class _Run:
         last = step == total_steps
         # A preempted job saves at once: the grace period is short.
         evaluate = not preempted and (
-            last or step % self.loop.evaluation.every_steps == 0)
+            last or step % self.experiment.evaluation.every_steps == 0)
         save = preempted or last or self.checkpointer.should_save(step)
-        if save or evaluate or step % self.loop.logging.every_steps == 0:
+        if save or evaluate or step % self.experiment.logging.every_steps == 0:
           train_scalars = pending.flush()
           self.reporter.write_scalars(step, train_scalars)
         if evaluate:

@@ -1,15 +1,17 @@
 """Names of pytree leaves, and regex rules matched against them.
 
 A leaf is named by joining, with '/', the keys on the way from the root of the
-tree to the leaf: 'Transformer/encoderblock_0/MlpBlock/Dense_0/kernel' for a
+tree to the leaf: 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' for a
 Flax parameter, 'inner_state/0/mu/head/kernel' for an optimizer-state leaf.
 Trees are the parameter collection itself (`variables['params']`), so names
 do not start with 'params/'.
 
-Every regex in the `moe.train` configs (frozen parameters, learning-rate
-multipliers, weight-decay masks, partition rules) is matched against such a
-name with `re.fullmatch`: 'head/.*' selects the whole head, 'head' selects
-nothing but a top-level leaf called 'head', and '.*/bias' every bias.
+Every regex of the experiment config (frozen parameters, learning-rate
+multipliers, weight-decay masks, partition rules, `init_from` rules) is
+matched against such a name with `re.fullmatch`: 'head/.*' selects the whole
+head, 'head' selects nothing but a top-level leaf called 'head', and '.*/bias'
+every bias. A regex that selects nothing is an error naming it and its
+config field (`check_every_pattern_matches`).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ The checkpoint is
 
   - a workdir of one of our runs (its latest readable checkpoint), its
     `checkpoints/` directory or one step directory `checkpoints/<step>`; only
-    the parameters are read (`checkpoints.restore_params`), so the source
+    the parameters are read (`moe.checkpoints.restore_params`), so the source
     run's optimizer does not matter;
   - or a `.npz` of '/'-joined parameter names in the layout of the public
     ViT checkpoints of google-research/vision_transformer (and big_vision,
@@ -31,7 +31,7 @@ then placed shard by shard like fresh parameters.
 
 Mapping. Each checkpoint parameter goes through `rules`, ordered
 `(regex, target, transform)` triples: the first rule whose regex fully
-matches the checkpoint name (`re.fullmatch`, as everywhere in `moe.train`)
+matches the checkpoint name (`re.fullmatch`, see `moe.config.param_names`)
 and whose target, `target` expanded with the groups of the match (`\1`), is a
 parameter of the model gives that parameter its initial value,
 `transform(checkpoint value)`. A rule whose target is not in the model is
@@ -79,11 +79,10 @@ from etils import epath
 import jax
 import numpy as np
 
-from moe.train import checkpoints
-from moe.train import config_fields
-from moe.train import multihost
-from moe.train import param_names
-from moe.train import train_state
+from moe.checkpoints import manager
+from moe.config import param_names
+from moe.config import schema
+from moe.parallel import multihost
 
 PyTree = Any
 Shape = tuple[int, ...]
@@ -259,7 +258,7 @@ class InitFromConfig:
     """Parses `config.init_from` (a ConfigDict, a dict or None)."""
     if isinstance(section, cls):
       return section
-    return config_fields.parse_section(cls, section, FIELD)
+    return schema.parse_section(cls, section, FIELD)
 
 
 class Origin(NamedTuple):
@@ -335,12 +334,12 @@ def load_checkpoint(path: str) -> dict[str, np.ndarray]:
     name -> host array.
 
   Raises:
-    checkpoints.CheckpointError: if the path does not exist or holds no
+    manager.CheckpointError: if the path does not exist or holds no
       readable checkpoint.
   """
   if str(path).endswith(NPZ_SUFFIX):
     return load_npz(path)
-  return dict(param_names.named_leaves(checkpoints.restore_params(path)))
+  return dict(param_names.named_leaves(manager.restore_params(path)))
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -351,7 +350,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   """
   path = epath.Path(path)
   if not path.exists():
-    raise checkpoints.CheckpointError(f"checkpoint path {path} does not "
+    raise manager.CheckpointError(f"checkpoint path {path} does not "
                                       "exist.")
   with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     arrays = {name: npz[name] for name in npz.files}
@@ -470,7 +469,7 @@ def init_params(fresh: PyTree, checkpoint: Mapping[str, np.ndarray],
 
 
 def create_init_params_fn(
-    section: Any) -> train_state.InitParamsFn | None:
+    section: Any) -> Callable[[PyTree], PyTree] | None:
   """Returns the fine-tuning hook of `config.init_from`, or None.
 
   Args:

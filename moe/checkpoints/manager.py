@@ -28,7 +28,7 @@ Typical use in a trainer:
 `restore_checkpoint(path, abstract_state)` and `restore_params(path)` read a
 checkpoint given as a workdir, its checkpoint directory or a step directory;
 the latter reads only the parameters, as numpy arrays with their saved
-shapes, for initialising another run (`moe.train.init_from`).
+shapes, for initialising another run (`moe.checkpoints.init_from`).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
-from moe.train import config_fields
+from moe.config import schema
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
@@ -80,11 +80,11 @@ class CheckpointConfig:
   asynchronous: bool = True
 
   def __post_init__(self):
-    config_fields.check_int(self.every_steps, "config.checkpoint.every_steps",
-                            1)
-    config_fields.check_int(self.keep, "config.checkpoint.keep", 1)
-    config_fields.check_choice(self.best_mode, "config.checkpoint.best_mode",
-                               BEST_MODES)
+    schema.check_int(self.every_steps, "config.checkpoint.every_steps",
+                     1)
+    schema.check_int(self.keep, "config.checkpoint.keep", 1)
+    schema.check_choice(self.best_mode, "config.checkpoint.best_mode",
+                        BEST_MODES)
 
 
 class Restored(NamedTuple):
@@ -140,8 +140,8 @@ class Checkpointer:
                   config: Any = None) -> "Checkpointer":
     """Opens WORKDIR/checkpoints with `config.checkpoint` (ConfigDict/dict)."""
     if not isinstance(config, CheckpointConfig):
-      config = config_fields.parse_section(CheckpointConfig, config,
-                                           "config.checkpoint")
+      config = schema.parse_section(CheckpointConfig, config,
+                                    "config.checkpoint")
     return cls(epath.Path(workdir) / CHECKPOINT_SUBDIR, config)
 
   def all_steps(self) -> list[int]:

@@ -5,21 +5,23 @@ X = `config.mesh.expert` (expert partitions) and D = #devices / X. Arrays are
 placed by config, never by model code:
 
 - Parameters: ordered regex rules, `config.mesh.partition_rules`, map a
-  parameter name ('/'-joined, see `moe.train.param_names`) to a
+  parameter name ('/'-joined, see `moe.config.param_names`) to a
   PartitionSpec-like tuple; the first rule that fully matches wins, e.g.
-  ('.*/Moe/Mlp/.*', ('expert',)) shards the leading E axis of every expert
-  weight over 'expert'. Unmatched parameters are replicated. With
-  `config.mesh.fsdp_min_size` set, every parameter with at least that many
-  elements is additionally sharded over 'data' along its largest dimension
-  that is not sharded yet and divides evenly (the first one on ties).
+  ('.*/Experts/.*', ('expert',)) (`moe.config.recipes.EXPERT_PARTITION_RULES`)
+  shards the leading E axis of every expert weight of a V-MoE over 'expert'.
+  Unmatched parameters are replicated; a rule that matches no parameter is an
+  error. With `config.mesh.fsdp_min_size` set, every parameter with at least
+  that many elements is additionally sharded over 'data' along its largest
+  dimension that is not sharded yet and divides evenly (the first one on
+  ties).
 - Optimizer state (or any tree holding copies of the parameters, such as a
   whole train state): a leaf whose name ends with a parameter's name and has
   its shape gets that parameter's sharding; every other leaf (step counters,
   scalars, rng) is replicated.
 - Batch: the leading axis is split over all devices, 'data'-major then
-  'expert' (PartitionSpec(('data', 'expert'))), as in V-MoE. Each expert
-  partition thus holds different examples, and the MoE layer's all-to-all
-  over 'expert' exchanges tokens between them.
+  'expert' (PartitionSpec(('data', 'expert'))), as in V-MoE; each expert
+  partition thus holds different examples. How the MoE layer's tokens reach
+  the experts in between is left to XLA's partitioner (docs/design.md §5).
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from moe.train import config_fields
-from moe.train import param_names
+from moe.config import schema
+from moe.config import param_names
 
 DATA_AXIS = "data"
 EXPERT_AXIS = "expert"
@@ -61,16 +63,16 @@ class MeshConfig:
   fsdp_min_size: int | None = None
 
   def __post_init__(self):
-    config_fields.check_int(self.expert, "config.mesh.expert", 1)
+    schema.check_int(self.expert, "config.mesh.expert", 1)
     if self.fsdp_min_size is not None:
-      config_fields.check_int(self.fsdp_min_size, "config.mesh.fsdp_min_size",
-                              1)
+      schema.check_int(self.fsdp_min_size, "config.mesh.fsdp_min_size",
+                       1)
     parse_partition_rules(self.partition_rules)
 
   @classmethod
   def from_config(cls, config: Any) -> "MeshConfig":
     """Parses `config.mesh` (a ConfigDict, a dict or None for defaults)."""
-    return config_fields.parse_section(cls, config, "config.mesh")
+    return schema.parse_section(cls, config, "config.mesh")
 
 
 def create_mesh(expert: int = 1,
@@ -156,10 +158,15 @@ def param_shardings(params: PyTree, mesh: Mesh,
     A tree with the structure of `params`.
 
   Raises:
-    ValueError: if a rule's spec has more entries than the parameter has
-      dimensions, or shards a dimension that the mesh axes do not divide.
+    ValueError: if a rule matches no parameter, a rule's spec has more
+      entries than the parameter has dimensions, or shards a dimension that
+      the mesh axes do not divide.
   """
   parsed = parse_partition_rules(rules)
+  param_names.check_every_pattern_matches(
+      [pattern for pattern, _ in parsed],
+      [name for name, _ in param_names.named_leaves(params)],
+      "config.mesh.partition_rules")
 
   def sharding(name, param):
     shape = tuple(np.shape(param))
@@ -252,24 +259,6 @@ def abstract_arrays(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
       tree, shardings)
-
-
-def device_put(tree: PyTree, shardings: PyTree) -> PyTree:
-  """Places a tree of host or device values with the given shardings.
-
-  In a multi-process job every process must pass the same values (e.g.
-  parameters loaded from a file); jax checks this. Per-process batches go
-  through `shard_batch` instead.
-
-  Args:
-    tree: numpy arrays, Python scalars or jax Arrays.
-    shardings: a tree of shardings with the structure of `tree`, or one
-      sharding for every leaf.
-
-  Returns:
-    The tree of global jax Arrays.
-  """
-  return jax.device_put(tree, shardings)
 
 
 def shard_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:

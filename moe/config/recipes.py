@@ -3,26 +3,38 @@
 Config files are loaded by path (`--config configs/x.py[:arg]`), so the
 pieces they share live here, inside the installed package:
 
-  arg = config_lib.parse_arg(arg, runlocal=False, experts=8)
-  config = config_lib.base_config()             # every field, at defaults
-  config.model = config_lib.vit_model("S/32", num_classes=1000,
-                                      moe=config_lib.moe_config(8, 2))
+  arg = recipes.parse_arg(arg, runlocal=False, experts=8)
+  config = recipes.base_config()             # every field, at defaults
+  config.model = recipes.vit_model("S/32", num_classes=1000,
+                                   moe=recipes.moe_config(8, 2))
+  config.mesh.partition_rules = recipes.EXPERT_PARTITION_RULES
 
 `base_config` holds every field the trainer reads, so that each can be
 overridden from the command line (`--config.a.b=value`) although the config
-is locked.
+is locked. The sections built here take their defaults from the classes that
+read them (the routers, `MoeMlpBlock`, `VisionTransformer`, `Encoder`), so
+a default is written once, in the class.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
+import typing
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
 
-from moe import data
-from moe.train import init_from
+from moe.config import experiment
+from moe.config import schema
+from moe.nn import moe_layer
+from moe.nn import routers
+from moe.nn import transformer
+from moe.nn import vit
 from moe.train import losses
+
+# Shards the leading E axis of every expert parameter of a V-MoE over the
+# mesh's 'expert' axis (`moe.parallel.partitioning`).
+EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
 
 EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
 _TRUE = ("1", "true", "yes")
@@ -74,75 +86,72 @@ def _convert(key: str, text: str, default: Any) -> Any:
                      f"{type(default).__name__}: {e}") from e
 
 
-def router_config(name: str = "SparseTopK", *,
-                  capacity_factor: float = 1.25,
-                  eval_capacity_factor: float | None = None,
+def router_config(name: str | None = None,
                   **fields: Any) -> ml_collections.ConfigDict:
-  """Returns a router config with the fields of every router.
+  """Returns a `model.encoder.moe.router` section with every router's fields.
 
-  Changing `name` alone switches routers (`moe.nn.routers.create_router`
-  ignores the fields of other routers). Defaults are those of the router
-  classes except the capacity factors.
+  A field takes the default of the router classes that have it; where they
+  differ (`noise_std`: 1.0 for NoisyTopExpertsPerItem, 0.0 for SparseTopK),
+  it is a typed placeholder, None, which means "the chosen router's own
+  default" (`moe.nn.routers.create_router`). Changing `name` alone thus gives
+  that router exactly as its class defines it, and every field can still be
+  overridden on the command line.
 
   Args:
-    name: "SparseTopK", "NoisyTopExpertsPerItem" or "TopItemsPerExpert".
-    capacity_factor: train-time capacity factor.
-    eval_capacity_factor: eval-time capacity factor; None: as at train time.
-    **fields: other router attributes to change.
+    name: a key of `moe.nn.routers.ROUTERS`; None: the default router of
+      `moe.nn.moe_layer.MoeMlpBlock` (SparseTopK).
+    **fields: router attributes to set, e.g. `capacity_factor=1.25`.
 
   Returns:
-    The `model.encoder.moe.router` section.
+    The section.
   """
-  router = ml_collections.ConfigDict(dict(
-      name=name,
-      capacity_factor=capacity_factor,
-      eval_capacity_factor=config_dict.placeholder(float),
-      min_capacity=1,
-      # NoisyTopExpertsPerItem and SparseTopK.
-      noise_std=0.0,
-      importance_loss_weight=1.0,
-      gshard_loss_weight=0.0,
-      batch_priority=False,
-      # NoisyTopExpertsPerItem.
-      load_loss_weight=1.0,
-      # SparseTopK.
-      regularization=0.1,
-      p=4 / 3,
-      solver="exact",
-      combine="gate",
-      min_gate=0.0,
-  ))
-  router.eval_capacity_factor = eval_capacity_factor
+  name = moe_layer.MoeMlpBlock.router["name"] if name is None else name
+  routers.get_router(name)
+  schema.check_unknown_fields(fields, routers.config_fields(),
+                              "config.model.encoder.moe.router")
+  defaults, hints = {}, {}
+  for cls in routers.ROUTERS.values():
+    hints.update(typing.get_type_hints(cls))
+    for f in dataclasses.fields(cls):
+      if f.name not in routers.config_fields():
+        continue
+      if defaults.setdefault(f.name, f.default) != f.default:
+        defaults[f.name] = None
+  router = schema.as_section({"name": name, **defaults},
+                             {"name": str, **hints})
   router.update(fields)
   return router
 
 
-def moe_config(num_experts: int, num_selected_experts: int = 2, *,
-               layers: Any = "every_2", group_size: int | None = None,
+def moe_config(num_experts: int, num_selected_experts: int, *,
+               layers: Any = "every_2",
                router: ml_collections.ConfigDict | None = None,
-               dispatcher: str = "einsum",
-               dtype: str = "float32") -> ml_collections.ConfigDict:
+               **fields: Any) -> ml_collections.ConfigDict:
   """Returns a `model.encoder.moe` section (see `moe.nn.vit`).
+
+  Fields not given take the defaults of `moe.nn.moe_layer.MoeMlpBlock`.
 
   Args:
     num_experts: E.
     num_selected_experts: K.
     layers: the MoE blocks: "every_2", "last_2" or block indices.
-    group_size: S tokens per routing group; None: one image's tokens.
-    router: `router_config(...)`; default SparseTopK.
-    dispatcher: "einsum" or "index".
-    dtype: dtype of the expert computation.
+    router: `router_config(...)`; default `router_config()`.
+    **fields: other `MoeMlpBlock` attributes: `group_size` (S tokens per
+      routing group; None: one image's tokens), `dispatcher` ("einsum" or
+      "index"), `dtype` of the expert computation.
 
   Returns:
     The section.
   """
-  moe = ml_collections.ConfigDict(dict(
-      layers=layers, num_experts=num_experts,
-      num_selected_experts=num_selected_experts,
-      group_size=config_dict.placeholder(int), dispatcher=dispatcher,
-      dtype=dtype, router=router or router_config()))
-  moe.group_size = group_size
-  return moe
+  moe = schema.section_defaults(
+      moe_layer.MoeMlpBlock,
+      exclude=set(schema.field_names(moe_layer.MoeMlpBlock))
+      - set(moe_layer.MOE_CONFIG_FIELDS))
+  schema.check_unknown_fields(fields, tuple(moe), "config.model.encoder.moe")
+  moe.update(dict(num_experts=num_experts,
+                  num_selected_experts=num_selected_experts,
+                  router=router or router_config(), **fields))
+  return ml_collections.ConfigDict({"layers": layers, **moe})
 
 
 def vit_model(variant: str, num_classes: int, *,
@@ -150,69 +159,46 @@ def vit_model(variant: str, num_classes: int, *,
               **fields: Any) -> ml_collections.ConfigDict:
   """Returns a `model` section: ViT, or V-MoE when `moe` is given.
 
+  Fields not given take the defaults of `moe.nn.vit.VisionTransformer` and
+  `moe.nn.transformer.Encoder`; the variant sets the sizes.
+
   Args:
     variant: "<size>/<patch>", e.g. "S/32" (see `moe.nn.vit.VARIANTS`).
     num_classes: number of classes.
     moe: `moe_config(...)`, or None for a dense ViT.
-    **fields: other model fields (`classifier`, `representation_size`,
-      `head_zeroinit`) and `encoder` fields (`num_layers`, `mlp_dim`,
-      `num_heads`, `dropout_rate`, `attention_dropout_rate`,
-      `stochastic_depth`).
+    **fields: other model fields (`hidden_size`, `classifier`,
+      `representation_size`, `head_zeroinit`) and `encoder` fields
+      (`num_layers`, `mlp_dim`, `num_heads`, `dropout_rate`,
+      `attention_dropout_rate`, `stochastic_depth`).
 
   Returns:
     The section.
   """
-  encoder_fields = ("num_layers", "mlp_dim", "num_heads", "dropout_rate",
-                    "attention_dropout_rate", "stochastic_depth")
-  encoder = ml_collections.ConfigDict(dict(
-      dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth=0.0))
-  encoder.update({k: v for k, v in fields.items() if k in encoder_fields})
+  sized = ("num_layers", "mlp_dim", "num_heads")
+  encoder = schema.section_defaults(transformer.Encoder,
+                                    exclude=sized + ("moe",))
+  encoder.update({k: v for k, v in fields.items()
+                  if k in schema.field_names(transformer.Encoder)})
   encoder.moe = moe
-  model = ml_collections.ConfigDict(dict(
-      name="vit", variant=variant, num_classes=num_classes,
-      classifier="token", representation_size=config_dict.placeholder(int),
-      head_zeroinit=True))
-  model.update({k: v for k, v in fields.items() if k not in encoder_fields})
+  model = schema.section_defaults(
+      vit.VisionTransformer,
+      exclude=("num_classes", "patch_size", "hidden_size", "encoder"))
+  model = ml_collections.ConfigDict(
+      {"name": "vit", "variant": variant, "num_classes": num_classes,
+       **model})
+  model.update({k: v for k, v in fields.items()
+                if k not in schema.field_names(transformer.Encoder)})
   model.encoder = encoder
   return model
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Returns an experiment config with every trainer field at its default.
+  """Returns an experiment config with every field at its default.
 
-  The caller sets `total_steps`, `model`, the dataset and the optimizer.
+  See `moe.config.experiment.base_config`: the caller sets `total_steps`,
+  `model`, the dataset and `optimizer.name` / `optimizer.learning_rate`.
   """
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = 1000
-  config.dataset = data.default_config()
-  config.model = ml_collections.ConfigDict()
-  config.task = ml_collections.ConfigDict(dict(
-      name="classification", loss="softmax_xent", label_smoothing=0.0,
-      aux_loss_weight=0.01, inputs_key="image", labels_key="labels"))
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-3, momentum=0.9, nesterov=False,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      weight_decay_params=(r"(.*/)?kernel",), weight_decay_exclude=(),
-      grad_clip_norm=config_dict.placeholder(float), frozen_params=(),
-      lr_mults=(), accumulation_steps=1,
-      schedule=dict(name="warmup_cosine", warmup_steps=0,
-                    decay_steps=config_dict.placeholder(int), end_value=0.0,
-                    timescale=10_000)))
-  config.mesh = ml_collections.ConfigDict(dict(
-      expert=1, partition_rules=EXPERT_PARTITION_RULES,
-      fsdp_min_size=config_dict.placeholder(int)))
-  config.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=1000, keep=2, best_metric="eval_accuracy", best_mode="max",
-      asynchronous=True))
-  config.evaluation = ml_collections.ConfigDict(dict(
-      every_steps=1000, model_overrides=ml_collections.ConfigDict()))
-  config.logging = ml_collections.ConfigDict(dict(
-      every_steps=100, progress_every_secs=60.0, profile=False))
-  config.init_from = ml_collections.ConfigDict(dict(
-      checkpoint=config_dict.placeholder(str),
-      rules=init_from.DEFAULT_RULES, reinit=()))
-  return config
+  return experiment.base_config()
 
 
 def digits_config(moe: ml_collections.ConfigDict | None = None, *,
@@ -222,10 +208,12 @@ def digits_config(moe: ml_collections.ConfigDict | None = None, *,
   A small ViT on 8x8x1 images with 2x2 patches (16 patches + class token =
   17 tokens), D=64, 4 blocks, MLP width 128, 4 heads; Adam with warmup and
   cosine decay, 1000 steps of 128 images (89 epochs), evaluation on the 360
-  test images every 200 steps.
+  test images every 200 steps; checkpoints every 200 steps, the last 2 and
+  the best by eval accuracy kept.
 
   Args:
-    moe: `moe_config(...)` to make it a V-MoE; None: the dense ViT.
+    moe: `moe_config(...)` to make it a V-MoE (experts sharded over the
+      mesh's 'expert' axis); None: the dense ViT.
     runlocal: a 2-block D=32 model for 20 steps of 64 images (smoke tests).
 
   Returns:
@@ -237,12 +225,17 @@ def digits_config(moe: ml_collections.ConfigDict | None = None, *,
   config.dataset.eval_batch_size = 360
   config.model = vit_model("tiny/2", num_classes=10, hidden_size=64,
                            num_layers=4, mlp_dim=128, num_heads=4, moe=moe)
+  if moe is not None:
+    config.mesh.partition_rules = EXPERT_PARTITION_RULES
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 3e-3
   config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule.name = "warmup_cosine"
   config.optimizer.schedule.warmup_steps = 50
   config.evaluation.every_steps = 200
   config.checkpoint.every_steps = 200
+  config.checkpoint.keep = 2
+  config.checkpoint.best_metric = "eval_accuracy"
   config.logging.every_steps = 50
   config.logging.progress_every_secs = 10.0
   if runlocal:
