@@ -180,12 +180,13 @@ def _value_type(hint: Any) -> type:
   return typing.get_origin(hint) or hint
 
 
-def check_choice(value: Any, field: str, allowed: Sequence[Any]) -> None:
-  """Raises a ValueError naming `field` unless `value` is one of `allowed`."""
+def check_choice(value: T, field: str, allowed: Sequence[Any]) -> T:
+  """Returns `value` if it is one of `allowed`, else raises naming `field`."""
   if value not in allowed:
     raise ValueError(
         f"{field} must be one of {', '.join(repr(a) for a in allowed)}; "
         f"got {value!r}.")
+  return value
 
 
 def check_int(value: Any, field: str, minimum: int) -> None:

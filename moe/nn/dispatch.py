@@ -24,6 +24,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe.config import schema
+
 Array = jax.Array
 
 
@@ -178,10 +180,7 @@ DISPATCHERS: dict[str, Callable[[Routing, int], Dispatcher]] = {
 
 def check_dispatcher_name(name: str) -> str:
   """Returns `name` if it names a dispatcher, else raises a ValueError."""
-  if name not in DISPATCHERS:
-    raise ValueError(f"dispatcher must be one of {sorted(DISPATCHERS)}, "
-                     f"got {name!r}.")
-  return name
+  return schema.check_choice(name, "dispatcher", tuple(DISPATCHERS))
 
 
 def make_dispatcher(routing: Routing, name: str, group_size: int) -> Dispatcher:

@@ -331,9 +331,7 @@ class SparseTopK(Router):
   COMBINE = ("gate", "gate_softmax")
 
   def __post_init__(self):
-    if self.combine not in self.COMBINE:
-      raise ValueError(f"combine must be one of {list(self.COMBINE)}, got "
-                       f"{self.combine!r}.")
+    schema.check_choice(self.combine, "combine", self.COMBINE)
     if not 0 <= self.min_gate < 1:
       raise ValueError(f"min_gate must be in [0, 1), got {self.min_gate!r}.")
     super().__post_init__()

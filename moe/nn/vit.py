@@ -120,9 +120,7 @@ class VisionTransformer(nn.Module):
   head_zeroinit: bool = True
 
   def __post_init__(self):
-    if self.classifier not in CLASSIFIERS:
-      raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got "
-                       f"{self.classifier!r}.")
+    schema.check_choice(self.classifier, "classifier", CLASSIFIERS)
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"num_classes must be an int >= 1, got "
                        f"{self.num_classes!r}.")

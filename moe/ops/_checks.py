@@ -6,7 +6,6 @@ allowed values, so that a bad call fails at trace time with a clear message.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
 
 import jax.numpy as jnp
 
@@ -59,15 +58,6 @@ def check_p(p) -> float:
   if not p > 1 or p == float("inf"):
     raise ValueError(f"p must be a finite float > 1 (e.g. 4/3, 1.5, 2), got {p}.")
   return float(p)
-
-
-def check_choice(value, name: str, allowed: Sequence[str]) -> str:
-  """Returns `value` if it is one of `allowed`, or raises."""
-  if value not in allowed:
-    raise ValueError(
-        f"{name} must be one of {', '.join(repr(a) for a in allowed)}; "
-        f"got {value!r}.")
-  return value
 
 
 def check_positive_int(value, name: str) -> int:

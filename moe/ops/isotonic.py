@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe.config import schema
 from moe.ops import _checks
 
 ISOTONIC_SOLVERS = ("pav", "dykstra")
@@ -159,7 +160,7 @@ def isotonic_regression(y, weights=None, *, increasing=False, solver="pav",
     ValueError: non-floating y, unknown solver, num_iter < 1, bad axis.
   """
   y = _checks.check_floating(y, "y")
-  _checks.check_choice(solver, "solver", ISOTONIC_SOLVERS)
+  schema.check_choice(solver, "solver", ISOTONIC_SOLVERS)
   num_iter = _checks.check_positive_int(num_iter, "num_iter")
   axis = _checks.check_axis(axis, y.ndim)
   dtype = jnp.promote_types(y.dtype, jnp.float32)

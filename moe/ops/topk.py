@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe.config import schema
 from moe.ops import _checks
 from moe.ops import dykstra as dykstra_lib
 from moe.ops import threshold as threshold_lib
@@ -134,7 +135,7 @@ def _check_common(x, k, axis, regularization, p, solver, num_iter):
   k = _checks.check_k(k, x.shape[axis])
   regularization = _checks.check_positive(regularization, "regularization")
   p = _checks.check_p(p)
-  _checks.check_choice(solver, "solver", SOLVERS)
+  schema.check_choice(solver, "solver", SOLVERS)
   if solver == "dykstra" and p != 2.0:
     raise ValueError(f"solver='dykstra' supports p=2 only, got p={p}; use "
                      "solver='exact' for other p.")
