@@ -123,8 +123,8 @@ def test_model_sections_take_the_module_defaults():
 
 @pytest.mark.parametrize("name", sorted(routers.ROUTERS))
 def test_switching_the_router_name_alone_gives_the_class_defaults(name):
-  config = train_testing.load_config("digits_vmoe.py")
-  config.model.encoder.moe.router.name = name  # A locked config, as a flag.
+  config = train_testing.load_config(
+      "digits_vmoe.py", f"--config.model.encoder.moe.router.name={name}")
   router = routers.create_router(config.model.encoder.moe.router,
                                  num_experts=8, num_selected_experts=2)
   cls = routers.ROUTERS[name]
@@ -156,6 +156,19 @@ def test_noisy_router_from_the_override_is_noisy_at_train_time():
 
   # The load loss is 0 without noise and differs between noise draws.
   assert aux_loss(1) > 0 and aux_loss(1) != aux_loss(2)
+
+
+def test_placeholders_are_typed_command_line_overrides():
+  config = train_testing.load_config(
+      "digits_vmoe.py", "--config.model.encoder.moe.router.noise_std=0.5",
+      "--config.model.representation_size=16",
+      "--config.model.encoder.moe.group_size=34")
+  assert config.model.encoder.moe.router.noise_std == 0.5
+  assert config.model.representation_size == 16
+  assert config.model.encoder.moe.group_size == 34
+  router = routers.create_router(config.model.encoder.moe.router,
+                                 num_experts=8, num_selected_experts=2)
+  assert router.noise_std == 0.5
 
 
 def test_a_none_router_field_keeps_its_own_default_and_overrides_win():

@@ -143,15 +143,16 @@ def moe_config(num_experts: int, num_selected_experts: int, *,
   Returns:
     The section.
   """
+  schema.check_unknown_fields(fields, moe_layer.MOE_CONFIG_FIELDS,
+                              "config.model.encoder.moe")
   moe = schema.section_defaults(
       moe_layer.MoeMlpBlock,
       exclude=set(schema.field_names(moe_layer.MoeMlpBlock))
-      - set(moe_layer.MOE_CONFIG_FIELDS))
-  schema.check_unknown_fields(fields, tuple(moe), "config.model.encoder.moe")
+      - set(moe_layer.MOE_CONFIG_FIELDS), layers=layers)
   moe.update(dict(num_experts=num_experts,
                   num_selected_experts=num_selected_experts,
                   router=router or router_config(), **fields))
-  return ml_collections.ConfigDict({"layers": layers, **moe})
+  return moe
 
 
 def vit_model(variant: str, num_classes: int, *,
@@ -182,10 +183,8 @@ def vit_model(variant: str, num_classes: int, *,
   encoder.moe = moe
   model = schema.section_defaults(
       vit.VisionTransformer,
-      exclude=("num_classes", "patch_size", "hidden_size", "encoder"))
-  model = ml_collections.ConfigDict(
-      {"name": "vit", "variant": variant, "num_classes": num_classes,
-       **model})
+      exclude=("num_classes", "patch_size", "hidden_size", "encoder"),
+      name="vit", variant=variant, num_classes=num_classes)
   model.update({k: v for k, v in fields.items()
                 if k not in schema.field_names(transformer.Encoder)})
   model.encoder = encoder

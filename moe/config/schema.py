@@ -118,7 +118,20 @@ def parse_section(cls: type[T], section: Any, field: str,
   return cls(**given)
 
 
-def section_defaults(cls: type, exclude: Iterable[str] = ()
+def field_defaults(cls: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
+  """Returns field -> default of a dataclass; None where there is none."""
+  defaults = {}
+  for f in _config_dataclass_fields(cls):
+    if f.name in exclude:
+      continue
+    if f.default_factory is not dataclasses.MISSING:
+      defaults[f.name] = f.default_factory()
+    else:
+      defaults[f.name] = None if f.default is dataclasses.MISSING else f.default
+  return defaults
+
+
+def section_defaults(cls: type, exclude: Iterable[str] = (), **first: Any
                      ) -> ml_collections.ConfigDict:
   """Returns a ConfigDict of every field of `cls` at its default.
 
@@ -130,19 +143,14 @@ def section_defaults(cls: type, exclude: Iterable[str] = ()
   Args:
     cls: a dataclass of config fields.
     exclude: fields the config does not set (the caller passes them).
+    **first: fields to put first, with their values (e.g. a model's `name`).
 
   Returns:
     The section.
   """
-  defaults = {}
-  for f in _config_dataclass_fields(cls):
-    if f.name in exclude:
-      continue
-    if f.default_factory is not dataclasses.MISSING:
-      defaults[f.name] = f.default_factory()
-    else:
-      defaults[f.name] = None if f.default is dataclasses.MISSING else f.default
-  return as_section(defaults, typing.get_type_hints(cls))
+  hints = {**{name: type(value) for name, value in first.items()},
+           **typing.get_type_hints(cls)}
+  return as_section({**first, **field_defaults(cls, exclude)}, hints)
 
 
 def as_section(values: Mapping[str, Any],
