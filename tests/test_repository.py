@@ -63,15 +63,64 @@ def test_references_point_into_the_repository():
   assert (ROOT / "docs" / "design.md").is_file()
 
 
-def _layout_table():
+def _layout_rows():
+  """The paths of each row of the README's layout table, in order."""
   readme = (ROOT / "README.md").read_text()
   section = readme.split("## Layout", 1)[1]
-  paths = []
-  for row in section.splitlines():
-    if row.startswith("| `"):
-      first_cell = row.split("|")[1]
-      paths += re.findall(r"`([^`]+)`", first_cell)
-  return paths
+  return [re.findall(r"`([^`]+)`", row.split("|")[1])
+          for row in section.splitlines() if row.startswith("| `")]
+
+
+def _layout_table():
+  return [path for row in _layout_rows() for path in row]
+
+
+def _row_of(module_path, rows):
+  """The row whose most specific path holds `module_path` (moe/x/y.py)."""
+  best = None
+  for index, paths in enumerate(rows):
+    for path in paths:
+      path = path.rstrip("/")
+      if module_path == path or module_path.startswith(path + "/"):
+        if best is None or len(path) > best[1]:
+          best = (index, len(path))
+  return None if best is None else best[0]
+
+
+def _moe_imports(path):
+  """The moe modules a file imports, as repository paths."""
+  imported = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names = [node.module] + [f"{node.module}.{alias.name}"
+                               for alias in node.names]
+    for name in names:
+      if not name.startswith("moe"):
+        continue
+      base = ROOT / pathlib.Path(*name.split("."))
+      for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+          imported.append(str(candidate.relative_to(ROOT)))
+  return imported
+
+
+def test_imports_go_down_the_layout_table():
+  rows = _layout_rows()
+  upward = []
+  for path in sorted((ROOT / "moe").rglob("*.py")):
+    module = str(path.relative_to(ROOT))
+    if _row_of(module, rows) is None:
+      # Only packages that import nothing (moe, moe/config) have no row.
+      assert path.name == "__init__.py" and not _moe_imports(path), module
+      continue
+    for imported in _moe_imports(path):
+      row = _row_of(imported, rows)
+      if row is not None and row < _row_of(module, rows):
+        upward.append(f"{module} imports {imported}")
+  assert not upward, upward
 
 
 def test_readme_layout_table_matches_the_tree():
