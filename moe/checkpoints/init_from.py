@@ -255,9 +255,7 @@ class InitFromConfig:
 
   @classmethod
   def from_config(cls, section: Any) -> "InitFromConfig":
-    """Parses `config.init_from` (a ConfigDict, a dict or None)."""
-    if isinstance(section, cls):
-      return section
+    """Parses `config.init_from` (a ConfigDict, a dict, None or an instance)."""
     return schema.parse_section(cls, section, FIELD)
 
 

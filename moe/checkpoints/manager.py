@@ -138,10 +138,10 @@ class Checkpointer:
   @classmethod
   def from_config(cls, workdir: os.PathLike | str,
                   config: Any = None) -> "Checkpointer":
-    """Opens WORKDIR/checkpoints with `config.checkpoint` (ConfigDict/dict)."""
-    if not isinstance(config, CheckpointConfig):
-      config = schema.parse_section(CheckpointConfig, config,
-                                    "config.checkpoint")
+    """Opens WORKDIR/checkpoints with `config.checkpoint` (a ConfigDict, a
+    dict, None or a `CheckpointConfig`)."""
+    config = schema.parse_section(CheckpointConfig, config,
+                                  "config.checkpoint")
     return cls(epath.Path(workdir) / CHECKPOINT_SUBDIR, config)
 
   def all_steps(self) -> list[int]:

@@ -16,7 +16,7 @@ owns its dataclass:
   checkpoint         `moe.checkpoints.CheckpointConfig`
   evaluation         `EvaluationConfig` (here)
   logging            `LoggingConfig` (here)
-  init_from          `moe.checkpoints.init_from_lib.InitFromConfig`
+  init_from          `moe.checkpoints.init_from.InitFromConfig`
 
 `base_config()` is built from these dataclasses, so a default is written once;
 `ExperimentConfig.from_config(config)` parses and checks every section but
@@ -36,11 +36,6 @@ from moe.config import schema
 from moe.parallel import partitioning
 from moe.train import optimizers
 from moe.train import tasks
-
-CONFIG_FIELDS = ("seed", "total_steps", "dataset", "model", "task",
-                 "optimizer", "mesh", "checkpoint", "evaluation", "logging",
-                 "init_from")
-
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
@@ -129,23 +124,7 @@ class ExperimentConfig:
       ValueError: naming the field, for an unknown field, a missing
         required one or a bad value in any section.
     """
-    values = schema.to_dict(config, "config")
-    schema.check_unknown_fields(values, CONFIG_FIELDS, "config")
-    section = lambda name: values.get(name)
-    return schema.parse_section(
-        cls, values, "config",
-        dataset=data.DatasetConfig.from_config(section("dataset")),
-        optimizer=optimizers.OptimizerConfig.from_config(section("optimizer")),
-        mesh=partitioning.MeshConfig.from_config(section("mesh")),
-        checkpoint=schema.parse_section(checkpoints.CheckpointConfig,
-                                        section("checkpoint"),
-                                        "config.checkpoint"),
-        evaluation=schema.parse_section(EvaluationConfig,
-                                        section("evaluation"),
-                                        "config.evaluation"),
-        logging=schema.parse_section(LoggingConfig, section("logging"),
-                                     "config.logging"),
-        init_from=init_from_lib.InitFromConfig.from_config(section("init_from")))
+    return schema.parse_section(cls, config, "config")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -161,3 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = schema.section_defaults(ExperimentConfig)
   config.task = tasks.default_task_config("classification")
   return config
+
+
+# The top-level fields of an experiment config.
+CONFIG_FIELDS = schema.field_names(ExperimentConfig)

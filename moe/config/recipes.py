@@ -18,7 +18,6 @@ a default is written once, in the class.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import typing
 from typing import Any
 
@@ -107,16 +106,15 @@ def router_config(name: str | None = None,
   """
   name = moe_layer.MoeMlpBlock.router["name"] if name is None else name
   routers.get_router(name)
-  schema.check_unknown_fields(fields, routers.config_fields(),
+  settable = routers.config_fields()
+  schema.check_unknown_fields(fields, settable,
                               "config.model.encoder.moe.router")
   defaults, hints = {}, {}
   for cls in routers.ROUTERS.values():
     hints.update(typing.get_type_hints(cls))
-    for f in dataclasses.fields(cls):
-      if f.name not in routers.config_fields():
-        continue
-      if defaults.setdefault(f.name, f.default) != f.default:
-        defaults[f.name] = None
+    for field, default in schema.field_defaults(cls).items():
+      if field in settable and defaults.setdefault(field, default) != default:
+        defaults[field] = None
   router = schema.as_section({"name": name, **defaults},
                              {"name": str, **hints})
   router.update(fields)
@@ -145,10 +143,9 @@ def moe_config(num_experts: int, num_selected_experts: int, *,
   """
   schema.check_unknown_fields(fields, moe_layer.MOE_CONFIG_FIELDS,
                               "config.model.encoder.moe")
-  moe = schema.section_defaults(
-      moe_layer.MoeMlpBlock,
-      exclude=set(schema.field_names(moe_layer.MoeMlpBlock))
-      - set(moe_layer.MOE_CONFIG_FIELDS), layers=layers)
+  moe = schema.section_defaults(moe_layer.MoeMlpBlock,
+                                exclude=moe_layer.ENCODER_FIELDS,
+                                layers=layers)
   moe.update(dict(num_experts=num_experts,
                   num_selected_experts=num_selected_experts,
                   router=router or router_config(), **fields))

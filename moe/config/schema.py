@@ -92,27 +92,38 @@ def parse_section(cls: type[T], section: Any, field: str,
                   **values: Any) -> T:
   """Builds the dataclass `cls` from the config section `field`.
 
-  A field given as None while `cls` requires it counts as missing, so that
-  `base_config()` can hold required fields as typed placeholders.
+  A field whose type is itself a dataclass (e.g. `optimizer.schedule`) is
+  parsed the same way, as the section `field.<name>`. A field given as None
+  while `cls` requires it counts as missing, so that `base_config()` can
+  hold required fields as typed placeholders.
 
   Args:
     cls: a dataclass whose fields are the allowed config fields.
-    section: the ConfigDict (or dict, or None) given for the section.
+    section: the ConfigDict (or dict, or None) given for the section, or an
+      instance of `cls`, returned as it is.
     field: dotted name of the section (e.g. 'config.optimizer'), quoted in
       error messages.
-    **values: fields the caller has parsed already (e.g. a nested section),
-      replacing those of `section`.
+    **values: fields the caller has parsed already, replacing those of
+      `section`.
 
   Returns:
     An instance of `cls`; fields missing from `section` take their defaults.
 
   Raises:
-    ValueError: if `section` has a field `cls` does not know, or lacks one
-      without a default.
+    ValueError: if a section has a field its dataclass does not know, or
+      lacks one without a default.
   """
+  if isinstance(section, cls) and not values:
+    return section
   given = {**to_dict(section, field), **values}
   check_unknown_fields(given, field_names(cls), field)
-  missing = [name for name in required_fields(cls) if given.get(name) is None]
+  required = required_fields(cls)
+  for name, hint in typing.get_type_hints(cls).items():
+    nested = _value_type(hint)
+    if dataclasses.is_dataclass(nested) and (name in given
+                                             or name in required):
+      given[name] = parse_section(nested, given.get(name), f"{field}.{name}")
+  missing = [name for name in required if given.get(name) is None]
   if missing:
     raise ValueError(f"{field} must set {', '.join(missing)}.")
   return cls(**given)

@@ -93,9 +93,7 @@ class DatasetConfig:
 
   @classmethod
   def from_config(cls, section: Any) -> "DatasetConfig":
-    """Parses `config.dataset` (a ConfigDict, a dict or None)."""
-    if isinstance(section, cls):
-      return section
+    """Parses `config.dataset` (a ConfigDict, a dict, None or an instance)."""
     return schema.parse_section(cls, section, "config.dataset")
 
 

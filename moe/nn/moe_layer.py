@@ -127,7 +127,8 @@ class MoeMlpBlock(nn.Module):
     return outputs.reshape(x.shape).astype(x.dtype), metrics
 
 
-# The fields of `MoeMlpBlock` that `config.model.encoder.moe` sets; the
-# encoder passes the others (its own `mlp_dim` and `dropout_rate`).
+# The fields of `MoeMlpBlock` that the encoder passes (its own), and those
+# that `config.model.encoder.moe` sets.
+ENCODER_FIELDS = ("mlp_dim", "dropout_rate")
 MOE_CONFIG_FIELDS = tuple(name for name in schema.field_names(MoeMlpBlock)
-                          if name not in ("mlp_dim", "dropout_rate"))
+                          if name not in ENCODER_FIELDS)

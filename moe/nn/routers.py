@@ -23,7 +23,6 @@ noise draws from the "gating" rng stream.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
@@ -433,7 +432,7 @@ def create_router(config: Mapping[str, Any], **kwargs) -> Router:
   cls = get_router(config.pop("name", None))
   settable = tuple(name for name in config_fields() if name not in kwargs)
   schema.check_unknown_fields(config, ("name",) + settable, field)
-  own = {f.name: f.default for f in dataclasses.fields(cls)}
+  own = schema.field_defaults(cls)
   values = {name: value for name, value in config.items()
             if name in own and name in settable
             and (value is not None or own[name] is None)}

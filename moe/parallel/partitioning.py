@@ -71,7 +71,7 @@ class MeshConfig:
 
   @classmethod
   def from_config(cls, config: Any) -> "MeshConfig":
-    """Parses `config.mesh` (a ConfigDict, a dict or None for defaults)."""
+    """Parses `config.mesh` (a ConfigDict, a dict, None or an instance)."""
     return schema.parse_section(cls, config, "config.mesh")
 
 
@@ -105,9 +105,7 @@ def create_mesh(expert: int = 1,
 def create_mesh_from_config(
     config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Returns the mesh of `config.mesh` (a ConfigDict, dict or MeshConfig)."""
-  if not isinstance(config, MeshConfig):
-    config = MeshConfig.from_config(config)
-  return create_mesh(config.expert, devices)
+  return create_mesh(MeshConfig.from_config(config).expert, devices)
 
 
 def parse_partition_rules(

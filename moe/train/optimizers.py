@@ -145,13 +145,8 @@ class OptimizerConfig:
 
   @classmethod
   def from_config(cls, config: Any) -> "OptimizerConfig":
-    """Parses `config.optimizer` (a ConfigDict or a dict)."""
-    values = schema.to_dict(config, "config.optimizer")
-    schedule = schema.parse_section(
-        ScheduleConfig, values.pop("schedule", None),
-        "config.optimizer.schedule")
-    return schema.parse_section(cls, values, "config.optimizer",
-                                schedule=schedule)
+    """Parses `config.optimizer` (a ConfigDict, a dict or an instance)."""
+    return schema.parse_section(cls, config, "config.optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +245,7 @@ def create_optimizer(config: Any, total_steps: int | None = None) -> Optimizer:
   Raises:
     ValueError: for an unknown name, field or value, naming the field.
   """
-  if not isinstance(config, OptimizerConfig):
-    config = OptimizerConfig.from_config(config)
+  config = OptimizerConfig.from_config(config)
   schedule = create_schedule(config.schedule, config.learning_rate,
                              total_steps)
   tx = _trainable_chain(config, schedule)

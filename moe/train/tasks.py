@@ -170,11 +170,14 @@ class ClassificationTask:
                        f"{self.label_smoothing!r}.")
     schema.check_number(self.aux_loss_weight, "config.task.aux_loss_weight")
 
+  # Attributes built from other sections; `config.task` sets the others.
+  BUILT_FIELDS = ("model", "eval_model", "dataset")
+
   @classmethod
   def config_fields(cls) -> tuple[str, ...]:
     """The attributes that `config.task` sets (all but modules and data)."""
     return tuple(name for name in schema.field_names(cls)
-                 if name not in ("model", "eval_model", "dataset"))
+                 if name not in cls.BUILT_FIELDS)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict
@@ -266,8 +269,9 @@ def merged_model_config(model: Any, overrides: Any) -> dict[str, Any]:
   return merged
 
 
-# Task classes by `config.task.name`; each has `from_config(config)` and
-# `config_fields()`, the fields of `config.task` besides `name`.
+# Task classes by `config.task.name`; each has `from_config(config)`,
+# `config_fields()` (the fields of `config.task` besides `name`) and
+# `BUILT_FIELDS` (its other attributes).
 TASKS: dict[str, type] = {"classification": ClassificationTask}
 
 
@@ -275,9 +279,7 @@ def default_task_config(name: str) -> ml_collections.ConfigDict:
   """Returns the `config.task` section of task `name`, fields at defaults."""
   schema.check_choice(name, "config.task.name", tuple(TASKS))
   cls = TASKS[name]
-  section = schema.section_defaults(
-      cls, exclude=set(schema.field_names(cls)) - set(cls.config_fields()))
-  return ml_collections.ConfigDict({"name": name, **section})
+  return schema.section_defaults(cls, exclude=cls.BUILT_FIELDS, name=name)
 
 
 def create_task(config: ml_collections.ConfigDict) -> Task:
