@@ -22,10 +22,9 @@ import jax
 import numpy as np
 
 from moe.config import recipes
-from moe.train import optimizers
 from moe.parallel import partitioning
-from moe.train import tasks
 from moe.train import train_state
+from moe.train import trainer
 
 import training_runs
 
@@ -72,14 +71,11 @@ def bench(setup):
   steps = _STEPS.value or default_steps
   config = _config(setup)
   mesh = partitioning.create_mesh_from_config(config.mesh)
-  task = tasks.create_task(config)
-  optimizer = optimizers.create_optimizer(config.optimizer, 10_000)
   batch = _synthetic_batch(image_shape, batch_size, config.model.num_classes,
                            mesh)
-  specs = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in batch.items()}
-  layout = train_state.StateLayout.create(
-      task, optimizer, specs, mesh,
-      partitioning.MeshConfig.from_config(config.mesh))
+  layout = trainer.create_layout(
+      config, {k: jax.ShapeDtypeStruct(x.shape, x.dtype)
+               for k, x in batch.items()}, mesh=mesh)
   state = layout.initialize(0)
   start = time.perf_counter()
   step = train_state.make_train_step(layout).lower(state, batch).compile()

@@ -115,8 +115,12 @@ def test_model_sections_take_the_module_defaults():
   for field, default in _field_defaults(
       moe_layer.MoeMlpBlock,
       ("parent", "name", "mlp_dim", "dropout_rate", "router")).items():
-    if field not in ("num_experts", "num_selected_experts"):
+    if field not in ("num_experts", "num_selected_experts", "group_axes",
+                     "expert_axes"):
       assert moe[field] == default, field
+  # The mesh axes are the recipes' own: expert parallel on any mesh.
+  assert moe.group_axes == ("data", "expert")
+  assert moe.expert_axes == ("expert",)
   assert moe.router.name == moe_layer.MoeMlpBlock.router["name"]
 
 

@@ -29,13 +29,12 @@ from moe.nn import moe_layer
 from moe.nn import routers
 from moe.nn import transformer
 from moe.nn import vit
+from moe.parallel import partitioning
 from moe.train import losses
 
 # Shards the leading E axis of every expert parameter of a V-MoE over the
 # mesh's 'expert' axis (`moe.parallel.partitioning`).
-EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
-
-EXPERT_PARTITION_RULES = ((".*/Experts/.*", ("expert",)),)
+EXPERT_PARTITION_RULES = ((".*/Experts/.*", (partitioning.EXPERT_AXIS,)),)
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -127,7 +126,10 @@ def moe_config(num_experts: int, num_selected_experts: int, *,
                **fields: Any) -> ml_collections.ConfigDict:
   """Returns a `model.encoder.moe` section (see `moe.nn.vit`).
 
-  Fields not given take the defaults of `moe.nn.moe_layer.MoeMlpBlock`.
+  Fields not given take the defaults of `moe.nn.moe_layer.MoeMlpBlock`,
+  except the mesh axes: groups are split like the batch and experts over
+  'expert' (`partitioning.MOE_GROUP_AXES`, `MOE_EXPERT_AXES`), which makes
+  the layer expert parallel whenever `config.mesh.expert` > 1.
 
   Args:
     num_experts: E.
@@ -135,8 +137,9 @@ def moe_config(num_experts: int, num_selected_experts: int, *,
     layers: the MoE blocks: "every_2", "last_2" or block indices.
     router: `router_config(...)`; default `router_config()`.
     **fields: other `MoeMlpBlock` attributes: `group_size` (S tokens per
-      routing group; None: one image's tokens), `dispatcher` ("einsum" or
-      "index"), `dtype` of the expert computation.
+      routing group; None: one image's tokens), `dispatcher` ("einsum",
+      "index" or "ragged"), `dtype` of the expert computation,
+      `group_axes`, `expert_axes`.
 
   Returns:
     The section.
@@ -148,7 +151,9 @@ def moe_config(num_experts: int, num_selected_experts: int, *,
                                 layers=layers)
   moe.update(dict(num_experts=num_experts,
                   num_selected_experts=num_selected_experts,
-                  router=router or router_config(), **fields))
+                  router=router or router_config(),
+                  group_axes=partitioning.MOE_GROUP_AXES,
+                  expert_axes=partitioning.MOE_EXPERT_AXES, **fields))
   return moe
 
 

@@ -1,14 +1,16 @@
 """Mixture-of-experts layers, routers and models (ViT / V-MoE).
 
 Modules: `blocks` (MLP, position embedding), `transformer` (encoder blocks
-with dense or MoE MLPs), `dispatch` (routing tables, einsum and index
-dispatchers), `routers`, `moe_layer` (experts and the MoE MLP block), `vit`,
+with dense or MoE MLPs), `dispatch` (routing tables; einsum, index and
+dropless ragged dispatchers), `routers`, `moe_layer` (experts and the MoE MLP
+block), `placement` (sharding constraints on the context mesh), `vit`,
 `models` (build a model from `config.model`).
 """
 from moe.nn.blocks import MlpBlock
 from moe.nn.blocks import PositionEmbedding
 from moe.nn.dispatch import EinsumDispatcher
 from moe.nn.dispatch import IndexDispatcher
+from moe.nn.dispatch import RaggedDispatcher
 from moe.nn.dispatch import Routing
 from moe.nn.models import build_model
 from moe.nn.moe_layer import Experts
@@ -42,6 +44,7 @@ __all__ = [
     "MoeMlpBlock",
     "NoisyTopExpertsPerItem",
     "PositionEmbedding",
+    "RaggedDispatcher",
     "ROUTERS",
     "Routing",
     "SparseTopK",

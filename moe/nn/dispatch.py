@@ -15,6 +15,13 @@ the two operations an MoE layer needs:
 way; simple and fast for small E); `IndexDispatcher` gathers and scatters with
 the `[G, E, C]` table directly (memory O(G E C D) instead of O(G S E C)). Both
 give the same numbers, forward and backward.
+
+`RaggedDispatcher` has no buffers and no capacity, so it drops no token: it
+keeps each token's K choices (`[G, S, K]`), sorts the G S K (token, expert)
+assignments by expert, once, into M = G S K rows (requested ones first), and
+the experts run as one grouped matmul per layer on the rows
+(`jax.lax.ragged_dot`, rows of expert e contiguous); combine unsorts the rows
+and sums each token's K outputs, weighted.
 """
 from __future__ import annotations
 
@@ -51,6 +58,10 @@ class Routing:
       return jnp.zeros(group_size, jnp.int32).at[index.reshape(-1)].add(
           valid.reshape(-1).astype(jnp.int32))
     return jax.vmap(count)(self.token_index, self.valid)
+
+  def tokens_per_expert(self) -> Array:
+    """Returns `[G, E]`, the number of tokens dispatched to each expert."""
+    return jnp.sum(self.valid, axis=-1, dtype=jnp.int32)
 
 
 def per_item_routing(gates: Array,
@@ -128,6 +139,11 @@ class EinsumDispatcher:
     weights = jnp.where(mask, routing.combine_weights[:, None], 0.)
     return cls(mask, weights)
 
+  def load(self) -> tuple[Array, Array]:
+    """Returns tokens per expert `[G, E]` and experts per token `[G, S]`."""
+    return (jnp.sum(self.dispatch_mask, axis=(1, 3), dtype=jnp.int32),
+            jnp.sum(self.dispatch_mask, axis=(2, 3), dtype=jnp.int32))
+
   def dispatch(self, x: Array) -> Array:
     """`[G, S, D]` -> `[E, G, C, D]` (zeros in empty slots)."""
     return jnp.einsum("GSD,GSEC->EGCD", x, self.dispatch_mask.astype(x.dtype))
@@ -153,6 +169,11 @@ class IndexDispatcher:
     """Wraps a `Routing` over groups of size S."""
     return cls(routing, group_size)
 
+  def load(self) -> tuple[Array, Array]:
+    """Returns tokens per expert `[G, E]` and experts per token `[G, S]`."""
+    return (self.routing.tokens_per_expert(),
+            self.routing.experts_per_token(self.group_size))
+
   def dispatch(self, x: Array) -> Array:
     """`[G, S, D]` -> `[E, G, C, D]` (zeros in empty slots)."""
     gathered = jax.vmap(lambda xg, index: xg[index])(
@@ -171,18 +192,103 @@ class IndexDispatcher:
     return jax.vmap(scatter)(y, self.routing.token_index)
 
 
-Dispatcher = Union[EinsumDispatcher, IndexDispatcher]
-DISPATCHERS: dict[str, Callable[[Routing, int], Dispatcher]] = {
+@flax.struct.dataclass
+class RaggedDispatcher:
+  """Dropless dispatch: assignments sorted by expert, no capacity.
+
+  Works on any number of groups: inside `shard_map` it sees the groups of one
+  device and sorts only those (`moe.nn.moe_layer`).
+
+  Attributes:
+    expert_index: `[G, S, K]` int32, the experts chosen by each token.
+    combine_weights: `[G, S, K]` weight of each choice's expert output in
+      the token's output (0 for choices not dispatched).
+    requested: `[G, S, K]` bool, whether a choice is dispatched at all.
+    num_experts: E (static).
+  """
+  expert_index: Array
+  combine_weights: Array
+  requested: Array
+  num_experts: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def from_choices(cls, gates: Array, expert_index: Array,
+                   requested: Array) -> RaggedDispatcher:
+    """Keeps every requested choice.
+
+    Args:
+      gates: `[G, S, E]` combine weight of each (token, expert) pair.
+      expert_index: `[G, S, K]` int, the experts chosen by each token.
+      requested: `[G, S, K]` bool, whether a choice is dispatched.
+
+    Returns:
+      The dispatcher, with the combine weights of the choices.
+    """
+    weights = jnp.take_along_axis(gates, expert_index, axis=-1)
+    return cls(expert_index.astype(jnp.int32),
+               jnp.where(requested, weights, 0.), requested, gates.shape[-1])
+
+  def load(self) -> tuple[Array, Array]:
+    """Returns tokens per expert `[G, E]` and experts per token `[G, S]`."""
+    one_hot = jax.nn.one_hot(self.expert_index, self.num_experts,
+                             dtype=jnp.int32) * self.requested[..., None]
+    return (jnp.sum(one_hot, axis=(1, 2)),
+            jnp.sum(self.requested, axis=-1, dtype=jnp.int32))
+
+  def __call__(self, x: Array, experts: RaggedExperts) -> Array:
+    """Dispatches, runs the experts and combines: `[G, S, D]` -> `[G, S, D]`.
+
+    Args:
+      x: `[G, S, D]` tokens.
+      experts: `experts(rows [M, D], group_sizes [E], row_expert [M])`
+        returns `[M, D]`, rows `group_sizes[:e].sum()` to
+        `group_sizes[:e + 1].sum() - 1` computed by expert e; rows after
+        `group_sizes.sum()` are padding, their outputs are ignored.
+
+    Returns:
+      `[G, S, D]`: for each token the weighted sum of its experts' outputs
+      (0 for a token with no dispatched choice).
+    """
+    num_groups, group_size, width = x.shape
+    num_choices = self.expert_index.shape[-1]
+    num_rows = num_groups * group_size * num_choices
+    # Choices not dispatched get key E: they sort after every expert's rows.
+    key = jnp.where(self.requested, self.expert_index,
+                    self.num_experts).reshape(num_rows)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.zeros(self.num_experts, jnp.int32).at[key].add(
+        1, mode="drop")
+    rows = x.reshape(-1, width)[order // num_choices]
+    row_expert = jnp.minimum(key[order], self.num_experts - 1)
+    y = experts(rows, group_sizes, row_expert)
+    inverse = jnp.zeros(num_rows, jnp.int32).at[order].set(
+        jnp.arange(num_rows, dtype=jnp.int32))
+    y = y[inverse].reshape(num_groups, group_size, num_choices, width)
+    weights = self.combine_weights.astype(y.dtype)
+    return jnp.einsum("GSKD,GSK->GSD", y, weights)
+
+
+# `experts(rows [M, D], group_sizes [E], row_expert [M]) -> [M, D]`.
+RaggedExperts = Callable[[Array, Array, Array], Array]
+
+BufferDispatcher = Union[EinsumDispatcher, IndexDispatcher]
+Dispatcher = Union[EinsumDispatcher, IndexDispatcher, RaggedDispatcher]
+# Dispatchers with `[E, G, C, D]` expert buffers, built from a `Routing`.
+BUFFER_DISPATCHERS: dict[str, Callable[[Routing, int], BufferDispatcher]] = {
     "einsum": EinsumDispatcher.from_routing,
     "index": IndexDispatcher.from_routing,
 }
+RAGGED = "ragged"
+DISPATCHER_NAMES = tuple(BUFFER_DISPATCHERS) + (RAGGED,)
 
 
 def check_dispatcher_name(name: str) -> str:
   """Returns `name` if it names a dispatcher, else raises a ValueError."""
-  return schema.check_choice(name, "dispatcher", tuple(DISPATCHERS))
+  return schema.check_choice(name, "dispatcher", DISPATCHER_NAMES)
 
 
-def make_dispatcher(routing: Routing, name: str, group_size: int) -> Dispatcher:
-  """Returns the dispatcher called `name` ("einsum" or "index") of `routing`."""
-  return DISPATCHERS[check_dispatcher_name(name)](routing, group_size)
+def make_dispatcher(routing: Routing, name: str,
+                    group_size: int) -> BufferDispatcher:
+  """Returns the buffer dispatcher `name` ("einsum" or "index") of `routing`."""
+  schema.check_choice(name, "dispatcher", tuple(BUFFER_DISPATCHERS))
+  return BUFFER_DISPATCHERS[name](routing, group_size)

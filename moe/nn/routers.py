@@ -90,7 +90,7 @@ def load_loss(logits: Array, noisy_logits: Array, noise_std: float,
   Returns:
     Scalar loss, smooth in `logits` through the Gaussian CDF.
   """
-  threshold = jax.lax.top_k(noisy_logits, num_selected_experts)[0][..., -1:]
+  threshold = ops.top_k_by_sort(noisy_logits, num_selected_experts)[0][..., -1:]
   prob_selected = jax.scipy.stats.norm.cdf((logits - threshold) / noise_std)
   load = jnp.mean(prob_selected, axis=1)
   return jnp.mean(jnp.var(load, axis=-1) / jnp.mean(load, axis=-1)**2)
@@ -128,7 +128,8 @@ class Router(nn.Module):
     capacity_factor: sets C through `compute_capacity` at train time.
     eval_capacity_factor: the same when `train=False`; None: as at train time.
     min_capacity: lower bound of C.
-    dispatcher: "einsum" or "index" (see `moe.nn.dispatch`).
+    dispatcher: "einsum", "index" (buffers of capacity C) or "ragged"
+      (dropless: capacity fields unused), see `moe.nn.dispatch`.
   """
   num_experts: int
   num_selected_experts: int = 1
@@ -179,33 +180,61 @@ class Router(nn.Module):
     noise = jax.random.normal(self.make_rng("gating"), logits.shape)
     return logits + noise * (noise_std / self.num_experts)
 
-  def finish(self, routing: dispatch.Routing, probs: Array,
+  def finish(self, dispatcher: dispatch.Dispatcher, probs: Array,
              metrics: Metrics) -> tuple[dispatch.Dispatcher, Metrics]:
-    """Returns the dispatcher of `routing` and the completed metrics.
+    """Returns the dispatcher and the completed metrics.
 
     Args:
-      routing: which tokens fill the `[G, E, C]` buffer slots, and their
-        combine weights.
+      dispatcher: the dispatcher of the routing decision.
       probs: `[G, S, E]` softmax of the router logits (for the entropy).
       metrics: the router's own metrics, `auxiliary_loss` included.
 
     Returns:
-      The dispatcher named by `self.dispatcher` ("einsum" or "index") and
-      `metrics` plus those every router reports (see the module docstring):
-      `tokens_per_expert`, `dropped_fraction`, `experts_per_token` and
-      `router_entropy`.
+      `dispatcher` and `metrics` plus those every router reports (see the
+      module docstring): `tokens_per_expert`, `dropped_fraction`,
+      `experts_per_token` and `router_entropy`.
     """
-    group_size = probs.shape[1]
-    experts = routing.experts_per_token(group_size)
+    tokens, experts = dispatcher.load()
     metrics = dict(
         metrics,
-        tokens_per_expert=jnp.mean(
-            jnp.sum(routing.valid, axis=-1, dtype=jnp.float32), axis=0),
+        tokens_per_expert=jnp.mean(tokens.astype(jnp.float32), axis=0),
         dropped_fraction=jnp.mean(experts == 0, dtype=jnp.float32),
         experts_per_token=jnp.mean(experts, dtype=jnp.float32),
         router_entropy=jnp.mean(_entropy(probs)))
-    return (dispatch.make_dispatcher(routing, self.dispatcher, group_size),
-            metrics)
+    return dispatcher, metrics
+
+  def dispatch_choices(self, gates: Array, expert_index: Array,
+                       requested: Array, probs: Array, metrics: Metrics, *,
+                       train: bool, priority: Optional[Array] = None
+                       ) -> tuple[dispatch.Dispatcher, Metrics]:
+    """Dispatches per-token choices with `self.dispatcher`.
+
+    "ragged" keeps every requested choice; "einsum" and "index" fill buffers
+    of capacity C (`dispatch.per_item_routing`), dropping over capacity.
+
+    Args:
+      gates: `[G, S, E]` combine weight of each (token, expert) pair.
+      expert_index: `[G, S, K]` int, the distinct experts of each token.
+      requested: `[G, S, K]` bool, whether a choice is dispatched.
+      probs: `[G, S, E]` softmax of the router logits.
+      metrics: the router's own metrics, `auxiliary_loss` included.
+      train: whether the train-time capacity factor applies.
+      priority: optional `[G, S]` serving order for buffer filling.
+
+    Returns:
+      As `finish`.
+    """
+    if self.dispatcher == dispatch.RAGGED:
+      return self.finish(
+          dispatch.RaggedDispatcher.from_choices(gates, expert_index,
+                                                 requested), probs, metrics)
+    group_size = gates.shape[1]
+    routing = dispatch.per_item_routing(
+        gates, expert_index, requested, self.capacity(group_size, train),
+        priority=priority)
+    return self.finish(
+        dispatch.make_dispatcher(routing, self.dispatcher, group_size), probs,
+        metrics)
 
 
 class NoisyTopExpertsPerItem(Router):
@@ -252,12 +281,12 @@ class NoisyTopExpertsPerItem(Router):
         self.load_loss_weight * metrics["load_loss"] +
         self.gshard_loss_weight * metrics["gshard_loss"])
 
-    top_gates, expert_index = jax.lax.top_k(gates, self.num_selected_experts)
-    routing = dispatch.per_item_routing(
-        gates, expert_index, jnp.ones(expert_index.shape, jnp.bool_),
-        self.capacity(x.shape[1], train),
+    top_gates, expert_index = ops.top_k_by_sort(gates,
+                                                self.num_selected_experts)
+    return self.dispatch_choices(
+        gates, expert_index, jnp.ones(expert_index.shape, jnp.bool_), probs,
+        metrics, train=train,
         priority=top_gates[..., 0] if self.batch_priority else None)
-    return self.finish(routing, probs, metrics)
 
 
 class TopItemsPerExpert(Router):
@@ -269,18 +298,30 @@ class TopItemsPerExpert(Router):
   none. C uses `num_selected_experts` as the average experts per token.
 
   Extra metrics: none; auxiliary_loss is 0.
+
+  Buffers are its definition, so it has no dropless ("ragged") dispatch.
   """
+
+  def __post_init__(self):
+    if self.dispatcher == dispatch.RAGGED:
+      raise ValueError(
+          "dispatcher='ragged' needs a router that picks experts per token; "
+          "TopItemsPerExpert fills each expert's C slots by design: use "
+          "dispatcher 'einsum' or 'index'.")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False
                ) -> tuple[dispatch.Dispatcher, Metrics]:
     """Routes `[G, S, D]` tokens; returns (dispatcher, metrics)."""
     probs = jax.nn.softmax(self.logits(x))
-    weights, token_index = jax.lax.top_k(
+    weights, token_index = ops.top_k_by_sort(
         jnp.swapaxes(probs, 1, 2), self.capacity(x.shape[1], train))
     routing = dispatch.Routing(token_index.astype(jnp.int32),
                                jnp.ones(token_index.shape, jnp.bool_), weights)
-    return self.finish(routing, probs, {"auxiliary_loss": jnp.zeros(())})
+    return self.finish(
+        dispatch.make_dispatcher(routing, self.dispatcher, x.shape[1]), probs,
+        {"auxiliary_loss": jnp.zeros(())})
 
 
 class SparseTopK(Router):
@@ -347,7 +388,7 @@ class SparseTopK(Router):
     gates = ops.topk_mask(noisy_logits, num_selected,
                           regularization=self.regularization, p=self.p,
                           solver=self.solver)
-    top_gates, expert_index = jax.lax.top_k(gates, num_selected)
+    top_gates, expert_index = ops.top_k_by_sort(gates, num_selected)
     requested = top_gates > self.min_gate
 
     if self.combine == "gate":
@@ -377,10 +418,9 @@ class SparseTopK(Router):
     priority = None
     if self.batch_priority:
       priority = jnp.max(jax.nn.log_softmax(noisy_logits), axis=-1)
-    routing = dispatch.per_item_routing(
-        weights, expert_index, requested, self.capacity(x.shape[1], train),
-        priority=priority)
-    return self.finish(routing, jax.nn.softmax(logits), metrics)
+    return self.dispatch_choices(weights, expert_index, requested,
+                                 jax.nn.softmax(logits), metrics, train=train,
+                                 priority=priority)
 
 
 ROUTERS: dict[str, type[Router]] = {

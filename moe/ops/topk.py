@@ -203,6 +203,27 @@ def scatter_last_axis(values, indices, n: int):
   return jnp.put_along_axis(zeros, indices, values, axis=-1, inplace=False)
 
 
+def top_k_by_sort(x, k: int):
+  """`jax.lax.top_k` written as a stable sort: same values, indices and ties.
+
+  XLA's SPMD partitioner all-gathers the operand of `lax.top_k` (its TopK
+  op) even when only batch dimensions are sharded, while a sort along the
+  last axis stays sharded on the others; routers use this on sharded
+  tokens (`tests/test_expert_parallel.py` checks the compiled program).
+
+  Args:
+    x: `[..., N]` array.
+    k: static int in 1..N.
+
+  Returns:
+    `(values, indices)`, each `[..., k]`: the k largest entries along the
+    last axis in decreasing order, ties to the lower index; gradients flow
+    to the selected entries.
+  """
+  indices = jnp.argsort(-x, axis=-1, stable=True)[..., :k]
+  return jnp.take_along_axis(x, indices, axis=-1), indices.astype(jnp.int32)
+
+
 def hard_mask_last_axis(z, k: int):
   """[..., N] k-hot mask of the k largest entries (ties to the lower index)."""
   _, indices = jax.lax.top_k(z, k)  # Ties: the lower index comes first.

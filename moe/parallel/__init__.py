@@ -5,4 +5,5 @@ Modules:
     shardings from regex partition rules, optimizer-state shardings that
     follow the parameters, and the global batch (`shard_batch`).
   multihost: `jax.distributed` start-up, only for multi-process jobs.
+  hlo: the collectives of a compiled program and the bytes they move.
 """

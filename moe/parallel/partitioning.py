@@ -20,14 +20,21 @@ placed by config, never by model code:
   scalars, rng) is replicated.
 - Batch: the leading axis is split over all devices, 'data'-major then
   'expert' (PartitionSpec(('data', 'expert'))), as in V-MoE; each expert
-  partition thus holds different examples. How the MoE layer's tokens reach
-  the experts in between is left to XLA's partitioner (docs/design.md §5).
+  partition thus holds different examples.
+- Inside the model: the MoE layer pins its token and expert buffers with
+  sharding constraints on the axes its config names (`group_axes`,
+  `expert_axes`; `moe.config.recipes.moe_config` sets `MOE_GROUP_AXES` and
+  `MOE_EXPERT_AXES`), so that tokens move to the experts by all-to-all over
+  'expert' and expert weights never move (docs/design.md §5). Constraints
+  need a context mesh: `jit_on_mesh` traces and runs a jitted function under
+  `jax.set_mesh(mesh)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import mesh_utils
@@ -41,6 +48,9 @@ DATA_AXIS = "data"
 EXPERT_AXIS = "expert"
 MESH_AXES = (DATA_AXIS, EXPERT_AXIS)
 BATCH_SPEC = PartitionSpec(MESH_AXES)
+# The MoE layer's axes: groups split like the batch, experts over 'expert'.
+MOE_GROUP_AXES = MESH_AXES
+MOE_EXPERT_AXES = (EXPERT_AXIS,)
 
 PyTree = Any
 
@@ -127,6 +137,36 @@ def parse_partition_rules(
     parsed.append((pattern, PartitionSpec(*(
         tuple(e) if isinstance(e, list) else e for e in spec))))
   return parsed
+
+
+def jit_on_mesh(fun: Callable[..., Any], mesh: Mesh,
+                **jit_kwargs: Any) -> Callable[..., Any]:
+  """Returns `jax.jit(fun, **jit_kwargs)` that traces and runs on `mesh`.
+
+  Every call (and `.lower(...)`) enters `jax.set_mesh(mesh)`, so that the
+  sharding constraints of the model (`moe.nn.placement`) see the mesh.
+
+  Args:
+    fun: the function to jit.
+    mesh: the context mesh.
+    **jit_kwargs: `jax.jit` arguments (shardings, donation).
+
+  Returns:
+    The jitted function, with a `lower` method.
+  """
+  jitted = jax.jit(fun, **jit_kwargs)
+
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args, **kwargs)
+
+  call.lower = lower
+  return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

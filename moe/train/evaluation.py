@@ -49,8 +49,8 @@ class Evaluator:
     self.task = task
     self._data = task.make_eval_data()
     self._mesh = layout.mesh
-    self._step = jax.jit(
-        task.eval_metrics,
+    self._step = partitioning.jit_on_mesh(
+        task.eval_metrics, layout.mesh,
         in_shardings=(layout.shardings.params,
                       partitioning.batch_sharding(layout.mesh)),
         out_shardings=partitioning.replicated(layout.mesh))

@@ -33,6 +33,7 @@ import ml_collections
 import optax
 
 from moe import data as data_lib
+from moe import ops
 from moe.nn import models
 from moe.config import schema
 from moe.train import losses
@@ -93,7 +94,7 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   Returns:
     float32 `[B]`, 1 where a top-k prediction is a positive label.
   """
-  _, predicted = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  _, predicted = ops.top_k_by_sort(logits, min(k, logits.shape[-1]))
   hits = jnp.take_along_axis(labels, predicted, axis=-1) > 0
   return jnp.any(hits, axis=-1).astype(jnp.float32)
 

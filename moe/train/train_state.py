@@ -101,7 +101,8 @@ class StateLayout:
       The layout.
     """
     init_params = _params_initializer(task, batch_spec, mesh)
-    params = jax.eval_shape(init_params, _split_seed(0)[0])
+    with jax.set_mesh(mesh):
+      params = jax.eval_shape(init_params, _split_seed(0)[0])
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
         opt_state=jax.eval_shape(optimizer.tx.init, params),
@@ -128,9 +129,9 @@ class StateLayout:
       The state at step 0.
     """
     init_rng, _ = _split_seed(seed)
-    params = jax.jit(_params_initializer(self.task, self.batch_spec,
-                                         self.mesh),
-                     out_shardings=self.shardings.params)(init_rng)
+    params = partitioning.jit_on_mesh(
+        _params_initializer(self.task, self.batch_spec, self.mesh), self.mesh,
+        out_shardings=self.shardings.params)(init_rng)
     if init_params_fn is not None:
       params = _place_params(init_params_fn(params), self.abstract.params)
 
@@ -215,8 +216,8 @@ def make_train_step(
                               opt_state=opt_state)
     return new_state, metrics
 
-  return jax.jit(
-      train_step,
+  return partitioning.jit_on_mesh(
+      train_step, layout.mesh,
       in_shardings=(layout.shardings,
                     partitioning.batch_sharding(layout.mesh)),
       out_shardings=(layout.shardings, partitioning.replicated(layout.mesh)),

@@ -111,16 +111,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_params_fn = init_params_fn or config_init_fn
   mesh = partitioning.create_mesh(experiment.mesh.expert)
   task = tasks.create_task(config) if task is None else task
-  optimizer = optimizers.create_optimizer(
-      experiment.optimizer,
-      experiment.total_steps // experiment.optimizer.accumulation_steps)
-
   train_iter = task.make_train_iterator()
   first_batch = next(train_iter)
   batch_spec = {key: jax.ShapeDtypeStruct(x.shape, x.dtype) for key, x in
                 partitioning.shard_batch(first_batch, mesh).items()}
-  layout = train_state.StateLayout.create(task, optimizer, batch_spec, mesh,
-                                          experiment.mesh)
+  layout = create_layout(config, batch_spec, task=task, mesh=mesh)
   checkpointer = checkpoints.Checkpointer.from_config(workdir,
                                                       experiment.checkpoint)
   state, batches = _resume_or_start(checkpointer, layout, train_iter,
@@ -154,6 +149,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if multihost.is_main_process():
       print(line, flush=True)
   return result
+
+
+def create_layout(config: ml_collections.ConfigDict,
+                  batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
+                  task: tasks.Task | None = None,
+                  mesh: jax.sharding.Mesh | None = None
+                  ) -> train_state.StateLayout:
+  """Returns the train state layout of `config` for global batches.
+
+  Reads no data and allocates no state, so it also serves to inspect the
+  compiled train step of any config and batch shape:
+  `train_state.make_train_step(layout).lower(layout.abstract,
+  layout.batch_spec).compile()` (`experiments/bench_expert_parallel.py`).
+
+  Args:
+    config: the experiment config.
+    batch_spec: global shapes and dtypes of a train batch (shardings are
+      set here: the batch is split over all devices).
+    task: the task; default `tasks.create_task(config)`.
+    mesh: the mesh; default the one of `config.mesh`.
+
+  Returns:
+    The layout: model, optimizer, mesh, abstract state and its shardings.
+  """
+  experiment = experiment_lib.ExperimentConfig.from_config(config)
+  mesh = mesh or partitioning.create_mesh(experiment.mesh.expert)
+  task = tasks.create_task(config) if task is None else task
+  optimizer = optimizers.create_optimizer(
+      experiment.optimizer,
+      experiment.total_steps // experiment.optimizer.accumulation_steps)
+  sharding = partitioning.batch_sharding(mesh)
+  batch_spec = {key: jax.ShapeDtypeStruct(spec.shape, spec.dtype,
+                                          sharding=sharding)
+                for key, spec in batch_spec.items()}
+  return train_state.StateLayout.create(task, optimizer, batch_spec, mesh,
+                                        experiment.mesh)
 
 
 def _resume_or_start(
