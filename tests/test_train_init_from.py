@@ -176,3 +176,44 @@ def test_init_params_fn_and_init_from_checkpoint_together_is_an_error(
                      r"config.init_from.checkpoint, not both"):
     trainer.train_and_evaluate(config, str(tmp_path),
                                init_params_fn=lambda params: params)
+
+
+def _bad_npz_files(directory):
+  """name -> (path, expected error) for files that are not usable .npz."""
+  good = directory / "good.npz"
+  np.savez(good, **{"head/bias": np.zeros(3, np.float32),
+                    "head/kernel": np.ones((2, 3), np.float32)})
+  data = good.read_bytes()
+  truncated = directory / "truncated.npz"
+  truncated.write_bytes(data[:len(data) // 2])
+  npy = directory / "array.npz"
+  with open(npy, "wb") as f:
+    np.save(f, np.zeros((2, 3)))
+  text = directory / "notes.npz"
+  text.write_text("not an archive")
+  empty = directory / "empty.npz"
+  np.savez(empty)
+  return {
+      "truncated": (truncated, r"truncated\.npz is not a readable \.npz "
+                               r"archive \(truncated or corrupt\?\)"),
+      "npy": (npy, r"array\.npz is not an \.npz archive: numpy reads it as "
+                   r"one array of shape \(2, 3\)"),
+      "text": (text, r"notes\.npz is not a readable \.npz archive"),
+      "empty": (empty, r"empty\.npz holds no arrays"),
+  }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "npy", "text", "empty"])
+def test_bad_npz_files_raise_naming_the_path(tmp_path, kind):
+  path, message = _bad_npz_files(tmp_path)[kind]
+  with pytest.raises(init_from.manager.CheckpointError, match=message):
+    init_from.load_checkpoint(str(path))
+
+
+def test_npz_suffix_is_case_insensitive(tmp_path):
+  path = tmp_path / "VIT.NPZ"
+  np.savez(tmp_path / "vit.npz", **{"params/head/bias": np.arange(3.)})
+  (tmp_path / "vit.npz").rename(path)
+  loaded = init_from.load_checkpoint(str(path))
+  assert list(loaded) == ["head/bias"]
+  np.testing.assert_array_equal(loaded["head/bias"], np.arange(3.))

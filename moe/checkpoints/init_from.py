@@ -17,7 +17,7 @@ The checkpoint is
     `checkpoints/` directory or one step directory `checkpoints/<step>`; only
     the parameters are read (`moe.checkpoints.restore_params`), so the source
     run's optimizer does not matter;
-  - or a `.npz` of '/'-joined parameter names in the layout of the public
+  - or a `.npz` (suffix in any case) of '/'-joined parameter names in the layout of the public
     ViT checkpoints of google-research/vision_transformer (and big_vision,
     whose names may carry a `params/` prefix, dropped here):
     `embedding/kernel`, `cls`, `Transformer/posembed_input/pos_embedding`,
@@ -73,6 +73,8 @@ import dataclasses
 import math
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
+import zipfile
+import zlib
 
 from absl import logging
 from etils import epath
@@ -335,7 +337,7 @@ def load_checkpoint(path: str) -> dict[str, np.ndarray]:
     manager.CheckpointError: if the path does not exist or holds no
       readable checkpoint.
   """
-  if str(path).endswith(NPZ_SUFFIX):
+  if str(path).lower().endswith(NPZ_SUFFIX):
     return load_npz(path)
   return dict(param_names.named_leaves(manager.restore_params(path)))
 
@@ -345,13 +347,35 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
   When some names start with `params/`, only those are parameters (the
   others, e.g. big_vision's `opt/...`, are ignored).
+
+  Raises:
+    manager.CheckpointError: naming the path and what is wrong: missing, not
+      an `.npz` archive (e.g. a single `.npy` array), unreadable (truncated,
+      pickled objects), or holding no arrays.
   """
   path = epath.Path(path)
   if not path.exists():
     raise manager.CheckpointError(f"checkpoint path {path} does not "
                                       "exist.")
-  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
-    arrays = {name: npz[name] for name in npz.files}
+  try:
+    with path.open("rb") as f:
+      loaded = np.load(f, allow_pickle=False)
+      if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise manager.CheckpointError(
+            f"checkpoint {path} is not an .npz archive: numpy reads it as one "
+            f"array of shape {np.shape(loaded)} (an .npy file?); save the "
+            "parameters by name with np.savez.")
+      with loaded as npz:
+        arrays = {name: npz[name] for name in npz.files}
+  except manager.CheckpointError:
+    raise
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError,
+          ValueError) as error:
+    raise manager.CheckpointError(
+        f"checkpoint {path} is not a readable .npz archive (truncated or "
+        f"corrupt?): {type(error).__name__}: {error}") from error
+  if not arrays:
+    raise manager.CheckpointError(f"checkpoint {path} holds no arrays.")
   params = {name[len(BIG_VISION_PREFIX):]: value
             for name, value in arrays.items()
             if name.startswith(BIG_VISION_PREFIX)}
