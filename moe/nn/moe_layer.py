@@ -176,12 +176,12 @@ class MoeMlpBlock(nn.Module):
   def _ragged(self, dispatcher: dispatch.RaggedDispatcher, groups: Array,
               experts: nn.Module, train: bool) -> Array:
     """Dropless: sort by expert, grouped matmuls, unsort: `[G, S, D]`."""
-    if placement.axes_size(self.expert_axes) > 1:
+    expert_parts = placement.axes_size(self.expert_axes)
+    if expert_parts > 1:
       raise ValueError(
           f"dispatcher='ragged' runs every expert on every device: it does "
           f"not split experts over the mesh axes expert_axes="
-          f"{tuple(self.expert_axes)} (size "
-          f"{placement.axes_size(self.expert_axes)}); dropless expert "
+          f"{tuple(self.expert_axes)} (size {expert_parts}); dropless expert "
           "parallelism (jax.lax.ragged_all_to_all) is not implemented. Use "
           "dispatcher 'einsum' or 'index', or config.mesh.expert=1.")
     if self.is_initializing():   # The parameters every dispatcher shares.
