@@ -5,9 +5,11 @@ google-research/vision_transformer (`vit_jax/configs/common.py`, cifar100):
 ViT-B/16 (12 blocks, D=768, MLP 3072, 12 heads) initialised from the public
 ImageNet-21k checkpoint `ViT-B_16.npz`; the pre-training head and
 pre-logits are dropped and the new 100-class head starts at zero
-(`moe.checkpoints.init_from`: transform "new_head"; `pre_logits` is listed as
-unused); the 14x14 grid of position embeddings (224 px) is resized
-bilinearly to 24x24 (384 px), the class token kept. Training: `train[:98%]`,
+(`moe.checkpoints.init_from`: transform "new_head"; `pre_logits` is unused,
+`init_from.allow_unused=('pre_logits/.*',)`); the 14x14 grid of position
+embeddings (224 px) is resized to 24x24 (384 px) by corner-aligned bilinear
+interpolation, as the ViT repository's loader does (`scipy.ndimage.zoom`,
+order 1), the class token kept. Training: `train[:98%]`,
 resize to 448 then random 384 crop and flip, pixels in [-1, 1]; evaluation
 on `test` resized to 384. SGD with momentum 0.9, batch 512, peak learning
 rate 0.03, 500 warmup steps then cosine decay to 0, clipping at global norm
@@ -88,6 +90,7 @@ def get_config(arg=None):
   config.model = recipes.vit_model("B/16", NUM_CLASSES)
   recipes.set_loss(config, arg.loss)
   config.init_from.checkpoint = VIT_B16_I21K
+  config.init_from.allow_unused = ("pre_logits/.*",)
 
   config.total_steps = UPDATES * arg.accumulation
   config.optimizer.name = "sgd"

@@ -77,6 +77,7 @@ def get_config(arg=None):
   moe = recipes.moe_config(8, 2, layers="every_2", router=router)
   config = recipes.digits_config(moe, runlocal=arg.runlocal)
   config.init_from.checkpoint = DENSE_WORKDIR
+  config.init_from.reinit = (".*/Router/.*",)
   recipes.set_loss(config, arg.loss)
   config.optimizer.weight_decay_exclude = ("head/.*",)
   if not arg.runlocal:

@@ -40,10 +40,9 @@ def _write_public_vit_npz(path, prefix=""):
 
 
 def _bilinear_reference(grid, side):
-  """Half-pixel-centred bilinear resize of a [g, g, D] grid (scipy)."""
+  """The reference loaders' resize of a [g, g, D] grid (scipy, order 1)."""
   zoom = side / grid.shape[0]
-  return ndimage.zoom(grid, (zoom, zoom, 1), order=1, grid_mode=True,
-                      mode="nearest")
+  return ndimage.zoom(grid, (zoom, zoom, 1), order=1)
 
 
 @pytest.mark.parametrize("prefix", ["", "params/"])
@@ -53,7 +52,8 @@ def test_vmoe_from_public_vit_npz(tmp_path, caplog, prefix):
   moe = recipes.moe_config(4, 2, layers="every_2")
   fresh = _param_shapes(recipes.vit_model("tiny/2", 5, moe=moe), 12)
   init_fn = init_from.create_init_params_fn(
-      dict(checkpoint=str(tmp_path / "vit.npz")))
+      dict(checkpoint=str(tmp_path / "vit.npz"), reinit=(".*/Router/.*",),
+           allow_unused=("pre_logits/.*",)))
   with caplog.at_level(logging.INFO):
     params = dict(param_names.named_leaves(init_fn(fresh)))
   fresh = dict(param_names.named_leaves(fresh))
@@ -82,8 +82,8 @@ def test_vmoe_from_public_vit_npz(tmp_path, caplog, prefix):
   np.testing.assert_array_equal(params["head/bias"], 0)
 
   log = caplog.text
-  fresh_part, unused_part = log.split("fresh (not in the checkpoint)")[1].split(
-      "unused checkpoint parameters")
+  fresh_part, unused_part = log.split("fresh (config.init_from.reinit)")[
+      1].split("unused checkpoint parameters (config.init_from.allow_unused)")
   assert ROUTER in fresh_part
   assert "pre_logits/kernel" in unused_part and "pre_logits/bias" in unused_part
   for line in (
@@ -114,7 +114,8 @@ def test_vmoe_from_public_vit_npz(tmp_path, caplog, prefix):
     ({"head/kernel": (32, 5)}, {"head/kernel": np.zeros((32, 5))},
      ((r"head/(.*)", r"head/\1", "resize"),),
      r"config.init_from.rules: the transform of 'head/\(\.\*\)' must be None "
-     r"or one of 'upcycle', 'resize_posemb', 'new_head'; got 'resize'"),
+     r"or one of 'upcycle', 'resize_posemb', 'resize_posemb_half_pixel', "
+     r"'new_head'; got 'resize'"),
 ])
 def test_unexplained_shape_mismatch_raises_naming_the_parameter(
     model_shapes, checkpoint, rules, message):
@@ -212,8 +213,9 @@ def test_bad_npz_files_raise_naming_the_path(tmp_path, kind):
 
 def test_npz_suffix_is_case_insensitive(tmp_path):
   path = tmp_path / "VIT.NPZ"
-  np.savez(tmp_path / "vit.npz", **{"params/head/bias": np.arange(3.)})
+  np.savez(tmp_path / "vit.npz", **{"params/head/bias": np.arange(3.),
+                                    "params/embedding/bias": np.ones(2)})
   (tmp_path / "vit.npz").rename(path)
   loaded = init_from.load_checkpoint(str(path))
-  assert list(loaded) == ["head/bias"]
+  assert sorted(loaded) == ["embedding/bias", "head/bias"]
   np.testing.assert_array_equal(loaded["head/bias"], np.arange(3.))

@@ -8,6 +8,11 @@ Parameter names follow the public ViT checkpoints, so that fine-tuning maps
   embedding/{kernel [ph, pw, channels, D], bias [D]}
   cls                            [1, 1, D]   (classifier "token" only)
   Transformer/...                see `moe.nn.transformer`
+  MAPHead_0/...                  (classifier "map" only, big_vision's names)
+    probe                        [1, 1, D]
+    MultiHeadDotProductAttention_0/{query,key,value,out}/...
+    LayerNorm_0/{scale, bias}    [D]
+    MlpBlock_0/Dense_{0,1}/...   [D, H], [H, D]
   pre_logits/{kernel, bias}      (only with a representation_size)
   head/{kernel [D, classes], bias [classes]}
 
@@ -23,7 +28,9 @@ Config (`config.model`, a dict or `ml_collections.ConfigDict`):
   num_classes: number of classes.
   patch_size: int or (ph, pw).
   hidden_size: D.
-  classifier: "token" (class token) or "gap" (global average pooling).
+  classifier: "token" (class token), "gap" (global average pooling) or
+    "map" (multi-head attention pooling: a learned probe attends over the
+    encoded tokens, then a residual MLP, as big_vision's `pool_type="map"`).
   representation_size: None, or the width of a tanh pre-logits layer.
   head_zeroinit: zero-initialise the head kernel.
   encoder: attributes of `moe.nn.transformer.Encoder`: num_layers, mlp_dim,
@@ -56,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.config import schema
+from moe.nn import blocks
 from moe.nn import moe_layer
 from moe.nn import transformer
 
@@ -74,7 +82,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "L": (1024, 24, 4096, 16),
     "H": (1280, 32, 5120, 16),
 }
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "map")
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -99,6 +107,34 @@ def decode_variant(variant: str) -> dict[str, Any]:
                            num_heads=num_heads))
 
 
+class MapHead(nn.Module):
+  """Multi-head attention pooling: `[B, L, D]` tokens -> `[B, D]`.
+
+  A learned probe `[1, 1, D]` attends over the tokens; the result `y` is
+  `y + Mlp(LN(y))` (big_vision's `MAPHead`, with its parameter names).
+
+  Attributes:
+    mlp_dim: hidden width H of the MLP.
+    num_heads: attention heads; must divide D.
+  """
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Pools `[B, L, D]` tokens into `[B, D]`."""
+    batch, _, width = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(),
+                       (1, 1, width))
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        name="MultiHeadDotProductAttention_0")(
+            jnp.tile(probe, (batch, 1, 1)), x)
+    y = y + blocks.MlpBlock(self.mlp_dim, name="MlpBlock_0")(
+        nn.LayerNorm(name="LayerNorm_0")(y))
+    return y[:, 0]
+
+
 class VisionTransformer(nn.Module):
   """ViT, or V-MoE when `encoder["moe"]` is set.
 
@@ -107,7 +143,7 @@ class VisionTransformer(nn.Module):
     patch_size: (ph, pw), or an int for square patches.
     hidden_size: D.
     encoder: attributes of `moe.nn.transformer.Encoder`.
-    classifier: "token" or "gap".
+    classifier: "token", "gap" or "map".
     representation_size: width of a tanh pre-logits layer, or None.
     head_zeroinit: zero-initialise the head kernel (the ViT recipe).
   """
@@ -161,7 +197,13 @@ class VisionTransformer(nn.Module):
 
     x, metrics = transformer.Encoder(name="Transformer", **self.encoder)(
         x, train=train)
-    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.classifier == "token":
+      x = x[:, 0]
+    elif self.classifier == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MapHead(self.encoder["mlp_dim"], self.encoder["num_heads"],
+                  name="MAPHead_0")(x)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
     head_init = (nn.initializers.zeros if self.head_zeroinit
