@@ -98,10 +98,15 @@ def test_two_processes_agree_with_one(digits_data_dir, tmp_path,
                                    atol=1e-5)
   events = train_testing.summaries(workdir)
   # Per-example metrics; the MoE metrics are means over eval batches, which
-  # hold other examples when two processes each read half of the split.
-  for name in ("eval_loss", "eval_accuracy", "eval_top5"):
+  # hold other examples when two processes each read half of the split. The
+  # parameters agree to rounding (the two processes sum gradients in another
+  # order), and routing is discontinuous in them: a token within rounding of
+  # a tie between two experts may switch, which moved eval_loss by 8e-5
+  # (relative) on one machine with jax 0.10.2.
+  for name, rtol in (("eval_loss", 1e-3), ("eval_accuracy", 1e-5),
+                     ("eval_top5", 1e-5)):
     np.testing.assert_allclose(dict(events[name])[STEPS],
-                               reference.eval_metrics[name], rtol=1e-5,
+                               reference.eval_metrics[name], rtol=rtol,
                                atol=1e-5, err_msg=name)
   for name in ("train_loss", "train_accuracy"):
     np.testing.assert_allclose(dict(events[name])[STEPS],
