@@ -95,8 +95,9 @@ def test_experiment_config_parses_every_section_and_names_bad_ones():
     experiment.ExperimentConfig.from_config(config)
   config = train_testing.load_config("digits_vmoe.py")
   config.optimizer.learning_rate = float("nan")
-  with pytest.raises(ValueError, match="config.optimizer.learning_rate must "
-                     "be a number >= 0.0, got nan"):
+  with pytest.raises(ValueError, match=r"config.optimizer.learning_rate must "
+                     r"be a number >= 0.0, finite in float32 \(<= 3.4e38\); "
+                     r"got nan"):
     experiment.ExperimentConfig.from_config(config)
 
 

@@ -1,6 +1,8 @@
 """Tests of moe.checkpoints: orbax round trips on 8 fake devices."""
+import json
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +161,94 @@ def test_corrupted_latest_falls_back_with_a_warning(tmp_path, mesh, caplog):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"cannot restore the checkpoint .*/2"):
     checkpoints.restore_checkpoint(tmp_path / "2", first)
+
+
+def data_files(directory):
+  """The array-data files (tensorstore `d/` directories) under `directory`."""
+  return [os.path.join(root, name) for root, _, names in os.walk(directory)
+          if os.path.basename(root) == "d" for name in names]
+
+
+def flip_bytes(path, count=4000):
+  """Inverts `count` bytes in the middle of a file (its size unchanged)."""
+  data = bytearray(open(path, "rb").read())
+  start = max(len(data) // 2 - count // 2, 0)
+  for i in range(start, min(start + count, len(data))):
+    data[i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+def _two_steps(directory, mesh):
+  with _checkpointer(directory, every_steps=1, keep=3) as ckpt:
+    for seed in range(2):
+      state, _ = _sharded_state(mesh, seed)
+      ckpt.save(seed + 1, state, {"position": seed})
+  return _sharded_state(mesh, 0)[0]
+
+
+def _restore_latest_warnings(directory, target, caplog, **kwargs):
+  with caplog.at_level(logging.WARNING), _checkpointer(directory) as ckpt:
+    restored = ckpt.restore_latest(target, set_aside_unreadable=True,
+                                   **kwargs)
+  warnings = [r.getMessage() for r in caplog.records
+              if "Skipping unreadable checkpoint" in r.getMessage()]
+  return restored, warnings
+
+
+def test_values_that_differ_from_their_checksums_are_set_aside(
+    tmp_path, mesh, caplog):
+  first = _two_steps(tmp_path, mesh)
+  # Stands for values that changed on disk and still decode: the record no
+  # longer matches what is restored.
+  record_path = tmp_path / "2" / "integrity" / "process_0.json"
+  record = json.loads(record_path.read_text())
+  assert record["algorithm"] == "moe-sum-mix32-v1"
+  record["checksums"]["params/Moe/kernel"] ^= 1
+  record_path.write_text(json.dumps(record))
+  restored, warnings = _restore_latest_warnings(tmp_path, first, caplog)
+  assert restored.step == 1
+  _assert_bitwise_equal(restored.state, first)
+  assert len(warnings) == 1, warnings
+  assert re.search(r"checkpoint .*/2 fails verification: 1 arrays differ "
+                   r"from their checksums, first params/Moe/kernel\.$",
+                   warnings[0]), warnings
+  assert sorted(os.listdir(tmp_path)) == ["1", "2.unreadable"]
+
+
+def test_non_finite_values_and_bad_data_states_are_set_aside(
+    tmp_path, mesh, caplog, monkeypatch):
+  first = _two_steps(tmp_path / "nan", mesh)
+  state, _ = _sharded_state(mesh, 1)
+  state["params"]["head"]["bias"] = state["params"]["head"]["bias"] * np.nan
+  # A state that holds NaN is never saved...
+  with _checkpointer(tmp_path / "nan", every_steps=1) as ckpt:
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"refusing to save step 3: 1 arrays of the state "
+                       r"are not finite, first params/head/bias"):
+      ckpt.save(3, state, force=True)
+    # ... unless the check is bypassed, as a disk could.
+    monkeypatch.setattr(checkpoints.manager.integrity, "non_finite",
+                        lambda digest: [])
+    ckpt.save(3, state, {"position": 1}, force=True)
+  monkeypatch.undo()
+  restored, warnings = _restore_latest_warnings(tmp_path / "nan", first,
+                                                caplog)
+  assert restored.step == 2
+  assert "1 arrays hold NaN or infinity, first params/head/bias" in (
+      warnings[0])
+
+  _two_steps(tmp_path / "data", mesh)
+  (tmp_path / "data" / "2" / "data" / "process_0.json").write_text("{}")
+
+  def check(data_state):
+    if set(data_state) != {"position"}:
+      raise ValueError(f"bad keys {sorted(data_state)}")
+
+  caplog.clear()
+  restored, warnings = _restore_latest_warnings(
+      tmp_path / "data", first, caplog, check_data_state=check)
+  assert restored.step == 1 and restored.data_state == {"position": 0}
+  assert "data state {} unusable: bad keys []" in warnings[0]
 
 
 def test_restore_checkpoint_from_workdir_checkpoint_dir_or_step_dir(tmp_path,

@@ -19,6 +19,7 @@ import pytest
 from moe import checkpoints
 from moe.train import train_metrics
 from moe.train import trainer
+import test_train_infra_checkpoints
 import train_testing
 
 STEPS = 20
@@ -134,26 +135,52 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(preempted_run):
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def _truncate_files(step_dir):
+  """Every file of the state cut to 0 bytes (e.g. by a full disk)."""
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      os.truncate(os.path.join(root, name), 0)
+
+
+def _flip_largest_file(step_dir):
+  """4,000 bytes inverted in the middle of the largest array-data file (its
+  size unchanged): silent corruption. The state has two `d/` directories of
+  data files (orbax's per-process OCDBT database and the merged one that is
+  read); both are hit."""
+  files = test_train_infra_checkpoints.data_files(step_dir / "state")
+  for directory in {os.path.dirname(path) for path in files}:
+    largest = max((path for path in files if path.startswith(directory + "/")),
+                  key=os.path.getsize)
+    test_train_infra_checkpoints.flip_bytes(largest)
+
+
+def _empty_data_state(step_dir):
+  """A data state that parses but has the wrong keys."""
+  (step_dir / "data" / "process_0.json").write_text("{}")
+
+
 @pytest.mark.slow
-def test_resume_skips_a_truncated_checkpoint_and_equals_the_straight_run(
-    digits_data_dir, straight_run, preempted_run, tmp_path, caplog):
+@pytest.mark.parametrize("corrupt", [_truncate_files, _flip_largest_file,
+                                     _empty_data_state])
+def test_resume_skips_a_corrupt_checkpoint_and_equals_the_straight_run(
+    digits_data_dir, straight_run, preempted_run, tmp_path, caplog, corrupt):
   straight_dir, straight, _, _ = straight_run
   workdir = tmp_path / "preempted"
   shutil.copytree(preempted_run[0], workdir)
-  # A later checkpoint whose files were cut short (e.g. by a full disk).
+  # A later checkpoint, corrupted.
   checkpoint_dir = workdir / "checkpoints"
   shutil.copytree(checkpoint_dir / str(PREEMPT_AT), checkpoint_dir / "9")
-  for root, _, files in os.walk(checkpoint_dir / "9" / "state"):
-    for name in files:
-      os.truncate(os.path.join(root, name), 0)
+  corrupt(checkpoint_dir / "9")
 
   with caplog.at_level(logging.WARNING):
     resumed = trainer.train_and_evaluate(_config(digits_data_dir),
                                          str(workdir))
 
-  assert any("Skipping unreadable checkpoint" in record.getMessage()
-             and "checkpoints/9" in record.getMessage()
-             for record in caplog.records)
+  skipped = [record.getMessage() for record in caplog.records
+             if "Skipping unreadable checkpoint" in record.getMessage()]
+  assert len(skipped) == 1 and "checkpoints/9" in skipped[0], skipped
+  assert "\n" not in skipped[0] and len(skipped[0]) < 600, skipped[0]
+  logging.getLogger(__name__).warning("corruption found: %s", skipped[0])
   assert sorted(os.listdir(checkpoint_dir)) == ["10", "20", "9.unreadable"]
   assert resumed.step == straight.step == STEPS
   train_testing.assert_trees_equal(resumed.state, straight.state)
@@ -170,13 +197,50 @@ def test_nan_loss_stops_with_a_clear_error_before_saving(
       "digits_vit.py:runlocal", f"--config.dataset.data_dir={digits_data_dir}",
       "--config.model.encoder.num_layers=1", "--config.optimizer.name=sgd",
       "--config.optimizer.learning_rate=1e12")
-  with pytest.raises(train_metrics.NonFiniteLossError,
-                     match=r"The train loss became (nan|inf) at step \d+ "
-                     r"\(learning_rate=.*e\+1\d, grad_norm=.*\); training "
-                     r"stops"):
+  with pytest.raises((train_metrics.NonFiniteLossError,
+                      train_metrics.NonFiniteStateError),
+                     match=r"(The train loss became (nan|inf) at|The update "
+                     r"of) step \d+ .*learning_rate=.*e\+1\d, grad_norm=.*"
+                     r"training stops"):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert not [name for name in os.listdir(tmp_path / "checkpoints")
               if name.isdigit()]
+
+
+def test_non_finite_update_stops_before_it_is_saved(digits_data_dir,
+                                                    tmp_path, eight_devices):
+  # The loss of step 1 is finite (it is computed before the update); the
+  # head's update, 1e30 x 1e10 x gradient, overflows float32. Checkpoints
+  # every step: none may be written.
+  config = train_testing.load_config(
+      "digits_vit.py:runlocal", f"--config.dataset.data_dir={digits_data_dir}",
+      "--config.model.encoder.num_layers=1", "--config.optimizer.name=sgd",
+      "--config.optimizer.learning_rate=1e30",
+      "--config.optimizer.lr_mults=(('head/.*', 1e10),)",
+      "--config.optimizer.schedule.warmup_steps=0",
+      "--config.checkpoint.every_steps=1")
+  with pytest.raises(train_metrics.NonFiniteStateError,
+                     match=r"The update of step 1 made the train state "
+                     r"non-finite \(loss [0-9.]+, learning_rate=1e\+30, "
+                     r"grad_norm=.*\): 2 non-finite arrays, first "
+                     r"params/head/bias, params/head/kernel; training stops "
+                     r"before saving it"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not [name for name in os.listdir(tmp_path / "checkpoints")
+              if name.isdigit()]
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"),
+                                          ("1e39", r"1e\+39")])
+def test_non_finite_learning_rate_is_a_config_error(digits_data_dir, tmp_path,
+                                                    value, shown):
+  config = train_testing.load_config(
+      "digits_vit.py:runlocal", f"--config.dataset.data_dir={digits_data_dir}",
+      f"--config.optimizer.learning_rate={value}")
+  with pytest.raises(ValueError, match=r"config.optimizer.learning_rate must "
+                     r"be a number >= 0.0, finite in float32 \(<= 3.4e38\); "
+                     rf"got {shown}"):
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, error, message", [

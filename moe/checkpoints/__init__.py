@@ -4,6 +4,8 @@ Modules:
   manager: `Checkpointer`, the one checkpoint format (orbax, in
     WORKDIR/checkpoints: train state and data position per step), and
     `restore_checkpoint` / `restore_params` by path.
+  integrity: on-device checksums and finiteness of a state, recorded with
+    every checkpoint and verified on restore.
   layouts: the parameter names of public ViT `.npz` files (vision_transformer,
     big_vision), detected and converted to ours, and back for export.
   init_from: initial parameters of a new run from one of our checkpoints or

@@ -9,6 +9,15 @@ with one sub-directory per saved step:
   WORKDIR/checkpoints/<step>/data/process_<i>.json
                                         the data iterator state of process i
                                         (a JSON-able dict).
+  WORKDIR/checkpoints/<step>/integrity/process_<i>.json
+                                        the checksum of every array of the
+                                        state (`moe.checkpoints.integrity`;
+                                        the same in every process's file).
+
+A state with NaN or infinite values is never saved. Restoring verifies the
+checksums, the finiteness and (with `check_data_state`) the data state;
+`restore_latest` skips a checkpoint that fails, with a one-line warning
+naming the step and why, and can set it aside as `<step>.unreadable`.
 
 Orbax writes a step to a temporary directory and renames it when every
 process has finished, so a step directory is complete or absent. Every
@@ -33,6 +42,7 @@ shapes, for initialising another run (`moe.checkpoints.init_from`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
@@ -45,11 +55,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
+from moe.checkpoints import integrity
 from moe.config import schema
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+INTEGRITY_ITEM = "integrity"
 BEST_MODES = ("max", "min")
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -123,6 +135,7 @@ class Checkpointer:
         item_handlers={
             STATE_ITEM: ocp.StandardCheckpointHandler(),
             DATA_ITEM: _process_json_handler(),
+            INTEGRITY_ITEM: _process_json_handler(),
         },
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=save_decision_policy.AnySavePolicy([
@@ -174,23 +187,48 @@ class Checkpointer:
     Returns:
       Whether a save was started (it may still be running; see
       `wait_until_finished`).
+
+    Raises:
+      CheckpointError: if `state` holds NaN or infinite values (nothing is
+        written).
     """
     best_metric = self.config.best_metric
     if metrics is not None and best_metric and best_metric not in metrics:
       raise ValueError(
           f"config.checkpoint.best_metric={best_metric!r} is missing from the "
           f"metrics given to save(): {sorted(metrics)}.")
+    if not (force or self.should_save(step)):
+      return False
+    digest = integrity.digest(state)
+    non_finite = integrity.non_finite(digest)
+    if non_finite:
+      raise CheckpointError(
+          f"refusing to save step {step}: {len(non_finite)} arrays of the "
+          f"state are not finite, first {', '.join(non_finite[:3])}.")
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+        INTEGRITY_ITEM: ocp.args.JsonSave(
+            {"algorithm": integrity.ALGORITHM,
+             "checksums": digest.checksums}),
     })
     if metrics is not None:
       metrics = {name: float(value) for name, value in metrics.items()}
     return self._manager.save(step, args=args, force=force, metrics=metrics)
 
   def restore(self, step: int, abstract_state: PyTree,
-              with_data_state: bool = True) -> Restored:
-    """Restores the checkpoint of `step`.
+              with_data_state: bool = True,
+              check_data_state: Callable[[dict[str, Any]], None] | None = None
+              ) -> Restored:
+    """Restores the checkpoint of `step` and verifies it.
+
+    Verification: every array's checksum equals the one recorded at save
+    time (`moe.checkpoints.integrity`; checkpoints written before checksums
+    were recorded are restored with a warning), every float is finite, and
+    `check_data_state` accepts the data state. The checksums and the
+    finiteness are computed on the global arrays, so every process of a
+    multi-host job reaches the same verdict; the data states (one per
+    process) are agreed on across processes.
 
     Args:
       step: a saved step.
@@ -199,12 +237,15 @@ class Checkpointer:
         whose shapes, dtypes and shardings are used.
       with_data_state: also read this process's data iterator state; False
         (e.g. to initialise a fine-tuning run) returns an empty dict.
+      check_data_state: raises ValueError / TypeError / KeyError for a data
+        state the iterator cannot use (e.g. `TrainIterator.set_state`).
 
     Returns:
       The `Restored` checkpoint.
 
     Raises:
-      CheckpointError: if the step is not saved or cannot be read.
+      CheckpointError: if the step is not saved, cannot be read or fails
+        verification (the message says why).
     """
     if step not in self.all_steps():
       raise CheckpointError(
@@ -213,28 +254,45 @@ class Checkpointer:
     items = {STATE_ITEM: ocp.args.StandardRestore(_abstract(abstract_state))}
     if with_data_state:
       items[DATA_ITEM] = ocp.args.JsonRestore()
+    if (self.directory / str(step) / INTEGRITY_ITEM).exists():
+      items[INTEGRITY_ITEM] = ocp.args.JsonRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many error types.
       raise CheckpointError(
           f"cannot restore the checkpoint {self.directory / str(step)}: "
-          f"{type(e).__name__}: {e}") from e
+          f"{_short(e)}") from e
     data_state = dict(restored[DATA_ITEM]) if with_data_state else {}
+    record = restored.get(INTEGRITY_ITEM) if INTEGRITY_ITEM in items else None
+    problems = _state_problems(restored[STATE_ITEM], record,
+                               self.directory / str(step))
+    local = _data_state_problem(data_state, check_data_state)
+    if _any_process(local is not None):
+      problems.append(local or "another process cannot use its data state")
+    if problems:
+      raise CheckpointError(
+          f"the checkpoint {self.directory / str(step)} fails verification: "
+          f"{'; '.join(problems)}.")
     return Restored(step, restored[STATE_ITEM], data_state)
 
-  def restore_latest(self, abstract_state: PyTree,
-                     with_data_state: bool = True,
-                     set_aside_unreadable: bool = False) -> Restored | None:
+  def restore_latest(
+      self, abstract_state: PyTree, with_data_state: bool = True,
+      set_aside_unreadable: bool = False,
+      check_data_state: Callable[[dict[str, Any]], None] | None = None
+  ) -> Restored | None:
     """Restores the most recent readable checkpoint, or returns None if none.
 
-    A checkpoint that cannot be read (truncated, corrupted) is skipped with a
-    warning and the previous one is tried. In a multi-process job the
-    checkpoint directory must be shared storage, so that every process sees
-    the same failures and falls back to the same step.
+    A checkpoint that cannot be read (truncated) or fails verification
+    (checksums, non-finite values, an unusable data state; see `restore`)
+    is skipped with a one-line warning naming the step and why, and the
+    previous one is tried. In a multi-process job the checkpoint directory
+    must be shared storage, so that every process sees the same failures and
+    falls back to the same step.
 
     Args:
       abstract_state: the target structure, as in `restore`.
       with_data_state: as in `restore`.
+      check_data_state: as in `restore`.
       set_aside_unreadable: after falling back to an older step, rename the
         skipped step directories to `<step>.unreadable[.<n>]` (kept for
         inspection, ignored as checkpoints), so that a resumed run can save
@@ -247,7 +305,8 @@ class Checkpointer:
       CheckpointError: if steps exist but none of them can be read.
     """
     return self.latest_readable(
-        lambda step: self.restore(step, abstract_state, with_data_state),
+        lambda step: self.restore(step, abstract_state, with_data_state,
+                                  check_data_state),
         set_aside_unreadable)
 
   def restore_params(self, step: int) -> PyTree:
@@ -293,7 +352,18 @@ class Checkpointer:
     except Exception as e:  # orbax and tensorstore raise many error types.
       raise CheckpointError(
           f"cannot restore the parameters of {self.directory / str(step)}: "
-          f"{type(e).__name__}: {e}") from e
+          f"{_short(e)}") from e
+    record = _read_integrity_record(self.directory / str(step))
+    if record is not None:
+      record = dict(record, checksums={
+          name: value for name, value in record["checksums"].items()
+          if name.startswith("params/")})
+    problems = _state_problems({"params": restored["params"]}, record,
+                               self.directory / str(step))
+    if problems:
+      raise CheckpointError(
+          f"the parameters of {self.directory / str(step)} fail "
+          f"verification: {'; '.join(problems)}.")
     return restored["params"]
 
   def latest_readable(self, restore_step: Callable[[int], T],
@@ -412,6 +482,69 @@ def _restore_from_path(path: os.PathLike | str,
         f"{path} holds no checkpoint: expected a workdir, its "
         f"'{CHECKPOINT_SUBDIR}' directory or a step directory inside it.")
   return restored
+
+
+def _state_problems(state: PyTree, record: Mapping[str, Any] | None,
+                    step_dir: epath.Path) -> list[str]:
+  """What is wrong with a restored state: checksums, non-finite values."""
+  digest = integrity.digest(state)
+  problems = []
+  if record is None:
+    logging.warning("The checkpoint %s has no checksums (written before they "
+                    "were recorded); restored without verifying them.",
+                    step_dir)
+  elif record.get("algorithm") != integrity.ALGORITHM:
+    problems.append(f"checksums of unknown algorithm "
+                    f"{record.get('algorithm')!r}")
+  else:
+    changed = integrity.mismatches(dict(record["checksums"]), digest)
+    if changed:
+      problems.append(f"{len(changed)} arrays differ from their checksums, "
+                      f"first {', '.join(changed[:3])}")
+  non_finite = integrity.non_finite(digest)
+  if non_finite:
+    problems.append(f"{len(non_finite)} arrays hold NaN or infinity, first "
+                    f"{', '.join(non_finite[:3])}")
+  return problems
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  """One line for a storage error: its type and message, without
+  tensorstore's spec dumps, at most `limit` characters."""
+  text = " ".join(str(error).split(" [tensorstore_spec")[0].split())
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(error).__name__}: {text}"
+
+
+def _read_integrity_record(step_dir: epath.Path) -> dict[str, Any] | None:
+  """This process's checksum record of a step, or None if it has none."""
+  path = step_dir / INTEGRITY_ITEM / f"process_{jax.process_index()}.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f"cannot read the checksums {path}: {e}") from e
+
+
+def _data_state_problem(
+    data_state: dict[str, Any],
+    check: Callable[[dict[str, Any]], None] | None) -> str | None:
+  if check is None:
+    return None
+  try:
+    check(data_state)
+  except (ValueError, TypeError, KeyError) as e:
+    return f"data state {data_state!r} unusable: {e}"
+  return None
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process calls this)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _process_json_handler() -> ocp.JsonCheckpointHandler:

@@ -20,8 +20,10 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import flax.linen
 import ml_collections
 from ml_collections import config_dict
+import numpy as np
 
 T = TypeVar("T")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Attributes every flax module has that are not config fields.
 _FLAX_MODULE_FIELDS = ("parent", "name")
 
@@ -215,11 +217,17 @@ def check_int(value: Any, field: str, minimum: int) -> None:
 
 
 def check_number(value: Any, field: str, minimum: float = 0.0,
-                 strict: bool = False) -> None:
-  """Raises unless `value` is a finite number >= minimum (> when `strict`)."""
+                 strict: bool = False,
+                 maximum: float = FLOAT32_MAX) -> None:
+  """Raises unless `value` is a finite number >= minimum (> when `strict`)
+  and <= maximum (default: the largest float32, so that it stays finite on
+  the device)."""
   is_number = (isinstance(value, (int, float)) and not isinstance(value, bool)
                and math.isfinite(value))
-  if not is_number or value < minimum or (strict and value == minimum):
+  if (not is_number or value < minimum or (strict and value == minimum)
+      or value > maximum):
     bound = ">" if strict else ">="
-    raise ValueError(f"{field} must be a number {bound} {minimum}, got "
-                     f"{value!r}.")
+    upper = ("finite in float32 (<= 3.4e38)" if maximum == FLOAT32_MAX
+             else f"<= {maximum}")
+    raise ValueError(f"{field} must be a number {bound} {minimum}, "
+                     f"{upper}; got {value!r}.")

@@ -133,6 +133,8 @@ class OptimizerConfig:
     schema.check_number(self.learning_rate, f"{field}.learning_rate")
     for name in ("momentum", "weight_decay", "eps"):
       schema.check_number(getattr(self, name), f"{field}.{name}")
+    for name in ("b1", "b2"):
+      schema.check_number(getattr(self, name), f"{field}.{name}", maximum=1.0)
     if self.grad_clip_norm is not None:
       schema.check_number(self.grad_clip_norm,
                           f"{field}.grad_clip_norm", strict=True)

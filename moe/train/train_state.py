@@ -25,10 +25,12 @@ from jax.sharding import Mesh
 import numpy as np
 import optax
 
-from moe.train import optimizers
+from moe.checkpoints import integrity
 from moe.config import param_names
 from moe.parallel import partitioning
+from moe.train import optimizers
 from moe.train import tasks
+from moe.train import train_metrics
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -191,8 +193,9 @@ def make_train_step(
   """Returns the jitted train step: forward, loss, gradients, update.
 
   The step donates the input state. It returns the new state and the task's
-  scalar metrics plus `learning_rate` (before `lr_mults`) and `grad_norm`
-  (global norm of the gradient), replicated.
+  scalar metrics plus `learning_rate` (before `lr_mults`), `grad_norm`
+  (global norm of the gradient) and `state_finite` (whether every float of
+  the new parameters and optimizer state is finite), replicated.
 
   Args:
     layout: the state layout; the batch is split over all devices.
@@ -212,6 +215,8 @@ def make_train_step(
     metrics = dict(metrics,
                    learning_rate=optimizer.learning_rate(state.step),
                    grad_norm=optax.global_norm(grads))
+    metrics[train_metrics.STATE_FINITE] = integrity.all_finite(
+        (params, opt_state))
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state)
     return new_state, metrics

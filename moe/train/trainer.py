@@ -20,8 +20,10 @@
      wall_s=115` (accuracies with 4 decimals, loss with 3, seconds rounded).
 
 A restarted run resumes by itself and produces the same parameters and
-metrics as one that never stopped. A NaN or infinite train loss stops the
-run with `train_metrics.NonFiniteLossError` before anything is saved.
+metrics as one that never stopped. A NaN or infinite train loss, or a step
+whose update makes the parameters or optimizer state non-finite, stops the
+run with `train_metrics.NonFiniteLossError` / `NonFiniteStateError` before
+that state is saved.
 
 The config is parsed and checked as a whole first
 (`moe.config.experiment.ExperimentConfig`, which lists every section and the
@@ -194,12 +196,14 @@ def _resume_or_start(
 ) -> tuple[train_state.TrainState, Iterator[dict[str, Any]]]:
   """Returns the state to train from and the local batches to train on.
 
-  The latest readable checkpoint gives the state and the data position;
+  The latest checkpoint that reads and verifies (checksums, finite values,
+  a data state the iterator accepts) gives the state and the data position;
   without one, the state is fresh and the batches start with `first_batch`
   (already taken from `train_iter` to learn the batch shapes).
   """
   restored = checkpointer.restore_latest(layout.abstract,
-                                         set_aside_unreadable=True)
+                                         set_aside_unreadable=True,
+                                         check_data_state=train_iter.set_state)
   if restored is None:
     logging.info("No checkpoint in %s: starting from scratch.",
                  checkpointer.directory)
@@ -251,7 +255,7 @@ class _Run:
             last or step % self.experiment.evaluation.every_steps == 0)
         save = preempted or last or self.checkpointer.should_save(step)
         if save or evaluate or step % self.experiment.logging.every_steps == 0:
-          train_scalars = pending.flush()
+          train_scalars = pending.flush(state)
           self.reporter.write_scalars(step, train_scalars)
         if evaluate:
           with self.reporter.timed("eval"):
