@@ -65,3 +65,18 @@ def test_bad_arguments(kwargs, match):
     ops.isotonic_regression(jnp.ones((2, 3)), **kwargs)
   with pytest.raises(ValueError, match="y must have a floating dtype"):
     ops.isotonic_regression(jnp.arange(3))
+
+
+def test_empty_input_and_bad_weights_are_clear_errors():
+  with pytest.raises(ValueError, match=r"y has no elements along axis 0 "
+                     r"\(shape \(0,\)\); it needs at least one"):
+    ops.isotonic_regression(jnp.zeros((0,)))
+  y = jnp.array([3.0, 1.0, 2.0])
+  for weights, shown in ((jnp.array([1.0, -1.0, 1.0]), "-1.0"),
+                         (jnp.zeros(3), "0.0"),
+                         (jnp.array([1.0, jnp.nan, 1.0]), "1.0 and NaN")):
+    with pytest.raises(ValueError, match=rf"weights must all be > 0 .*got "
+                       rf"min {shown}"):
+      ops.isotonic_regression(y, weights)
+  # Under jit the values are not known: no check, no error at trace time.
+  jax.jit(ops.isotonic_regression)(y, jnp.ones(3))

@@ -371,3 +371,20 @@ def test_bad_x():
     ops.hard_topk_mask(jnp.arange(5), 2)
   with pytest.raises(ValueError, match="k must be in 1..5"):
     ops.hard_topk_magnitude(jnp.ones(5), 7)
+
+
+def test_hard_topk_of_a_row_with_nan_is_nan_in_that_row_only():
+  x = jnp.array([[1.0, jnp.nan, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+  for op in (ops.hard_topk_mask, ops.hard_topk_magnitude):
+    out = op(x, 2)
+    assert bool(jnp.isnan(out[0]).all()), op
+    assert not bool(jnp.isnan(out[1]).any()), op
+  np.testing.assert_array_equal(ops.hard_topk_mask(x, 2)[1], [0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("op", [ops.topk_mask, ops.topk_magnitude,
+                                ops.hard_topk_mask])
+def test_an_empty_axis_is_a_clear_error(op):
+  with pytest.raises(ValueError, match=r"x has no elements along axis 1 "
+                     r"\(shape \(3, 0\)\); it needs at least one"):
+    op(jnp.zeros((3, 0)), 1)

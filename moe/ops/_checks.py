@@ -33,6 +33,13 @@ def check_axis(axis, ndim: int) -> int:
   return int(axis) % ndim
 
 
+def check_nonempty(x, axis: int, name: str = "x") -> None:
+  """Raises if `x` has no elements along `axis` (already normalised)."""
+  if x.shape[axis] == 0:
+    raise ValueError(f"{name} has no elements along axis {axis} (shape "
+                     f"{tuple(x.shape)}); it needs at least one.")
+
+
 def check_k(k, n: int) -> int:
   """Returns `k` as a Python int in 1..n, or raises."""
   if not isinstance(k, numbers.Integral) or isinstance(k, bool):
@@ -75,4 +82,5 @@ def check_selection(x, k, axis) -> tuple:
   """
   x = check_floating(x)
   axis = check_axis(axis, x.ndim)
+  check_nonempty(x, axis)
   return x, check_k(k, x.shape[axis]), axis

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe.config import schema
 from moe.ops import _checks
@@ -140,6 +141,19 @@ def _isotonic_decreasing_jvp(solver, num_iter, primals, tangents):
   return v, numer / _block_sum(w, ids)
 
 
+def _check_positive_weights(w) -> None:
+  """Raises if concrete weights are not all > 0 (NaN included)."""
+  try:
+    values = np.asarray(w)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  if values.size and not np.all(values > 0):
+    raise ValueError(f"weights must all be > 0 (each block's fit is its "
+                     f"weighted mean), got min {float(np.nanmin(values))!r}"
+                     f"{' and NaN' if np.isnan(values).any() else ''}.")
+
+
 def isotonic_regression(y, weights=None, *, increasing=False, solver="pav",
                         num_iter=1000, axis=-1):
   """Weighted isotonic regression along `axis`.
@@ -157,17 +171,21 @@ def isotonic_regression(y, weights=None, *, increasing=False, solver="pav",
     weights (O(N) JVP).
 
   Raises:
-    ValueError: non-floating y, unknown solver, num_iter < 1, bad axis.
+    ValueError: non-floating y, y empty along `axis`, unknown solver,
+      num_iter < 1, bad axis, weights not > 0 (checked when they are
+      concrete values, not under `jit`).
   """
   y = _checks.check_floating(y, "y")
   schema.check_choice(solver, "solver", ISOTONIC_SOLVERS)
   num_iter = _checks.check_positive_int(num_iter, "num_iter")
   axis = _checks.check_axis(axis, y.ndim)
+  _checks.check_nonempty(y, axis, "y")
   dtype = jnp.promote_types(y.dtype, jnp.float32)
   if weights is None:
     w = jnp.ones_like(y, dtype=dtype)
   else:
     w = _checks.check_floating(weights, "weights").astype(dtype)
+    _check_positive_weights(w)
     w = jnp.broadcast_to(w, y.shape)
   yt = jnp.moveaxis(y.astype(dtype), axis, -1)
   wt = jnp.moveaxis(w, axis, -1)

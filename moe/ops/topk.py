@@ -225,10 +225,14 @@ def top_k_by_sort(x, k: int):
 
 
 def hard_mask_last_axis(z, k: int):
-  """[..., N] k-hot mask of the k largest entries (ties to the lower index)."""
+  """[..., N] k-hot mask of the k largest entries (ties to the lower index);
+  NaN in a row that holds a NaN (its order is undefined)."""
   _, indices = jax.lax.top_k(z, k)  # Ties: the lower index comes first.
   ones = jnp.ones(indices.shape, z.dtype)
-  return jax.lax.stop_gradient(scatter_last_axis(ones, indices, z.shape[-1]))
+  mask = scatter_last_axis(ones, indices, z.shape[-1])
+  mask = jnp.where(jnp.isnan(z).any(axis=-1, keepdims=True),
+                   jnp.asarray(jnp.nan, z.dtype), mask)
+  return jax.lax.stop_gradient(mask)
 
 
 def hard_topk_mask(x, k, *, axis=-1):
@@ -240,7 +244,8 @@ def hard_topk_mask(x, k, *, axis=-1):
     axis: the axis to select along.
 
   Returns:
-    Same shape and dtype as x, with exactly k ones along `axis`; zero gradient.
+    Same shape and dtype as x, with exactly k ones along `axis` (NaN along a
+    row that holds a NaN; ±inf are ordered as numbers); zero gradient.
   """
   x, k, axis = _checks.check_selection(x, k, axis)
   return along_last_axis(lambda z: hard_mask_last_axis(z, k), x, axis)

@@ -6,10 +6,12 @@ Modules:
   losses: per-example losses by name.
   train_state: the train state, its shardings, initialisation and step.
   evaluation: evaluation over the eval split.
-  train_metrics: train metrics between reports; the finite-loss check.
+  train_metrics: train metrics between reports; the finite loss and state
+    checks.
   metrics_writing: TensorBoard and console writers, progress reports.
   optimizers: optax optimizers and schedules from `config.optimizer`.
   preemption: SIGTERM handling and the multi-process preemption step.
+  workdir_lock: the exclusive lock a run holds on its workdir.
 
 The config schema is `moe.config`, the mesh and shardings `moe.parallel`,
 checkpoints and fine-tuning initialisation `moe.checkpoints`.

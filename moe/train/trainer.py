@@ -52,6 +52,7 @@ from moe.train import preemption
 from moe.train import tasks
 from moe.train import train_metrics
 from moe.train import train_state
+from moe.train import workdir_lock
 
 Hook = Callable[[int, train_state.TrainState], None]
 
@@ -103,9 +104,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     The `TrainResult`.
+
+  Raises:
+    workdir_lock.WorkdirLockedError: at once, if another run uses `workdir`.
   """
   start_time = time.monotonic()
   experiment = experiment_lib.ExperimentConfig.from_config(config)
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, experiment, workdir, task,
+                               init_params_fn, hooks, start_time)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        experiment: experiment_lib.ExperimentConfig,
+                        workdir: str, task: tasks.Task | None,
+                        init_params_fn: train_state.InitParamsFn | None,
+                        hooks: Sequence[Hook],
+                        start_time: float) -> TrainResult:
+  """`train_and_evaluate` once the workdir is locked."""
   config_init_fn = init_from.create_init_params_fn(experiment.init_from)
   if config_init_fn is not None and init_params_fn is not None:
     raise ValueError("train_and_evaluate: pass init_params_fn or set "
