@@ -8,10 +8,18 @@ batch already on the devices, so the input pipeline is not included:
   vmoe_s16: a ViT-S/16 V-MoE at 224 px (12 blocks, D=384; E=8, K=2 MoE MLPs
     in every other block, SparseTopK router, groups of 8 images), batch 64.
 
+Each row is one train step variant: `state check` on is the step the
+trainer runs, which also reduces the updated parameters and optimizer state
+to one `state_finite` flag (so that no non-finite state is ever saved); off
+skips that reduction, to show its cost. Times are the median over
+`--repeats` timing loops of `--steps` steps each, after compilation and two
+warm-up steps, with `block_until_ready`.
+
 Usage (prints a markdown table):
 
   python experiments/bench_train.py [--setups=digits_vmoe,vmoe_s16]
-      [--steps=N] [--router=NoisyTopExpertsPerItem]
+      [--steps=N] [--repeats=R] [--state_check=on,off]
+      [--router=NoisyTopExpertsPerItem]
 """
 import os
 import time
@@ -32,6 +40,11 @@ _SETUPS = flags.DEFINE_list("setups", ["digits_vmoe", "vmoe_s16"],
                             "Setups to time.")
 _STEPS = flags.DEFINE_integer("steps", 0,
                               "Timed steps per setup; 0: the setup's default.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timing loops per variant.")
+_STATE_CHECK = flags.DEFINE_list(
+    "state_check", ["on", "off"],
+    "Train step variants: 'on' (the trainer's, with the finite-state check) "
+    "and/or 'off'.")
 _ROUTER = flags.DEFINE_string(
     "router", None, "Router of the MoE layers; default: the config's.")
 
@@ -65,7 +78,7 @@ def _synthetic_batch(image_shape, batch_size, num_classes, mesh):
   return partitioning.shard_batch(local, mesh)
 
 
-def bench(setup):
+def bench(setup, check_state=True):
   """Returns (parameters, compile seconds, steps/s, examples/s) of a setup."""
   image_shape, batch_size, default_steps = SHAPES[setup]
   steps = _STEPS.value or default_steps
@@ -78,31 +91,41 @@ def bench(setup):
                for k, x in batch.items()}, mesh=mesh)
   state = layout.initialize(0)
   start = time.perf_counter()
-  step = train_state.make_train_step(layout).lower(state, batch).compile()
+  step = train_state.make_train_step(layout, check_state).lower(
+      state, batch).compile()
   compile_s = time.perf_counter() - start
   for _ in range(2):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
-  steps_per_s = steps / (time.perf_counter() - start)
+  seconds = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds.append(time.perf_counter() - start)
+  steps_per_s = steps / float(np.median(seconds))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return num_params, compile_s, steps_per_s, steps_per_s * batch_size
 
 
 def main(argv):
   del argv
-  rows = ["| setup | batch | parameters | compile (s) | steps/s | examples/s |",
-          "|---|---:|---:|---:|---:|---:|"]
+  rows = ["| setup | state check | batch | parameters | compile (s) | "
+          "steps/s | examples/s |", "|---|---|---:|---:|---:|---:|---:|"]
+  for variant in _STATE_CHECK.value:
+    if variant not in ("on", "off"):
+      raise app.UsageError(f"--state_check: 'on' or 'off', got {variant!r}.")
   for setup in _SETUPS.value:
     if setup not in SHAPES:
       raise app.UsageError(f"--setups: unknown setup {setup!r}; known: "
                            f"{', '.join(SHAPES)}.")
-    num_params, compile_s, steps_per_s, examples_per_s = bench(setup)
-    rows.append(f"| {setup} | {SHAPES[setup][1]} | {num_params:,} | "
-                f"{compile_s:.1f} | {steps_per_s:.2f} | {examples_per_s:.1f} |")
+    for variant in _STATE_CHECK.value:
+      num_params, compile_s, steps_per_s, examples_per_s = bench(
+          setup, variant == "on")
+      rows.append(f"| {setup} | {variant} | {SHAPES[setup][1]} | "
+                  f"{num_params:,} | {compile_s:.1f} | {steps_per_s:.2f} | "
+                  f"{examples_per_s:.1f} |")
   devices = jax.devices()
   print(f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPU cores")
