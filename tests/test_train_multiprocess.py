@@ -11,11 +11,13 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from moe import data as data_lib
 from moe import checkpoints
+from moe.train import evaluation
 from moe.train import tasks
 from moe.train import trainer
 import train_testing
@@ -97,22 +99,32 @@ def test_two_processes_agree_with_one(digits_data_dir, tmp_path,
                                    reference.state.params, rtol=1e-5,
                                    atol=1e-5)
   events = train_testing.summaries(workdir)
-  # Per-example metrics; the MoE metrics are means over eval batches, which
-  # hold other examples when two processes each read half of the split. The
-  # parameters agree to rounding (the two processes sum gradients in another
-  # order), and routing is discontinuous in them: a token within rounding of
-  # a tie between two experts may switch, which moved eval_loss by 8e-5
-  # (relative) on one machine with jax 0.10.2.
-  for name, rtol in (("eval_loss", 1e-3), ("eval_accuracy", 1e-5),
-                     ("eval_top5", 1e-5)):
+  # The evaluation of two processes equals the one of one process on the
+  # same parameters. (Not the reference run's own evaluation: the parameters
+  # agree only to rounding, as the processes sum gradients in another
+  # order, and routing is discontinuous in them: a token within rounding of
+  # a tie between two experts switches, which moved eval_loss by 8e-5 and
+  # eval_top5 by one image on this machine.) Per-example metrics only: the
+  # MoE metrics are means over eval batches, which hold other examples when
+  # two processes each read half of the split.
+  batch = next(task.make_train_iterator())
+  layout = trainer.create_layout(
+      config, {key: jax.ShapeDtypeStruct(value.shape, value.dtype)
+               for key, value in batch.items()}, task=task)
+  one_process_eval = evaluation.Evaluator(task, layout)(
+      restored.state.params)
+  for name in ("eval_loss", "eval_accuracy", "eval_top5"):
     np.testing.assert_allclose(dict(events[name])[STEPS],
-                               reference.eval_metrics[name], rtol=rtol,
+                               one_process_eval[name], rtol=1e-5,
                                atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(dict(events[name])[STEPS],
+                               reference.eval_metrics[name], rtol=1e-2,
+                               atol=1e-2, err_msg=name)
   for name in ("train_loss", "train_accuracy"):
     np.testing.assert_allclose(dict(events[name])[STEPS],
                                reference.train_metrics[name], rtol=1e-5)
   final = re.findall(r"^final: .*$", process.stdout, re.MULTILINE)
   assert len(final) == 1
-  expected = trainer.final_line(STEPS, reference.eval_metrics, 0)
+  expected = trainer.final_line(STEPS, one_process_eval, 0)
   assert final[0].rsplit(" wall_s=", 1)[0] == expected.rsplit(" wall_s=",
                                                               1)[0]

@@ -112,7 +112,9 @@ def digest(tree: PyTree) -> Digest:
   Returns:
     The `Digest`, by '/'-joined leaf name (`moe.config.param_names`).
   """
-  checksums, finite = jax.device_get(_digest_arrays(tree))
+  # Replicated scalars; in a multi-process job each process reads its copy.
+  checksums, finite = jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0)), _digest_arrays(tree))
   return Digest(
       checksums={name: int(value) for name, value in
                  param_names.named_leaves(checksums)},

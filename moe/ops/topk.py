@@ -130,9 +130,7 @@ def _soft_topk(x, k, regularization, p, axis, solver, num_iter, magnitude):
 
 
 def _check_common(x, k, axis, regularization, p, solver, num_iter):
-  x = _checks.check_floating(x)
-  axis = _checks.check_axis(axis, x.ndim)
-  k = _checks.check_k(k, x.shape[axis])
+  x, k, axis = _checks.check_selection(x, k, axis)
   regularization = _checks.check_positive(regularization, "regularization")
   p = _checks.check_p(p)
   schema.check_choice(solver, "solver", SOLVERS)

@@ -12,7 +12,9 @@ the owner.
     a lock object; it blocks a second run unless its owner is a process of
     this host that no longer exists (taken over with a warning). A run
     killed on another host leaves an object to delete by hand; the error
-    says so.
+    says so. The object is checked, then written (no atomic create through
+    `etils.epath`), so two runs started within the same moment could both
+    pass.
 
 In a multi-process job process 0 holds the lock and every process learns
 whether it got it, so they all stop together.
