@@ -617,15 +617,14 @@ def map_checkpoint(
     values[target] = initial
   for target in reinit:
     del loaded[target]
-  return values, _report(model_shapes, loaded, unused, dropped, config)
+  return values, _report(model_shapes, loaded, unused, dropped, config,
+                         reinit_patterns)
 
 
 def _report(model_shapes: Mapping[str, Shape], loaded: dict[str, Origin],
-            unused: list[str], dropped: list[str],
-            config: InitFromConfig) -> InitReport:
+            unused: list[str], dropped: list[str], config: InitFromConfig,
+            reinit_patterns: Sequence[re.Pattern]) -> InitReport:
   """Sorts the parameters not loaded into allowed and not allowed ones."""
-  reinit_patterns = param_names.compile_regexes(config.reinit,
-                                                f"{FIELD}.reinit")
   allow_patterns = param_names.compile_regexes(config.allow_unused,
                                                f"{FIELD}.allow_unused")
   not_loaded = sorted(set(model_shapes) - set(loaded))

@@ -57,6 +57,7 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
 from moe.checkpoints import integrity
 from moe.config import schema
+from moe.parallel import multihost
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEM = "state"
@@ -267,7 +268,7 @@ class Checkpointer:
     problems = _state_problems(restored[STATE_ITEM], record,
                                self.directory / str(step))
     local = _data_state_problem(data_state, check_data_state)
-    if _any_process(local is not None):
+    if multihost.any_process(local is not None):
       problems.append(local or "another process cannot use its data state")
     if problems:
       raise CheckpointError(
@@ -538,13 +539,6 @@ def _data_state_problem(
   except (ValueError, TypeError, KeyError) as e:
     return f"data state {data_state!r} unusable: {e}"
   return None
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` holds on any process (every process calls this)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _process_json_handler() -> ocp.JsonCheckpointHandler:

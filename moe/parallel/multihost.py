@@ -33,6 +33,8 @@ from typing import Mapping
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 COORDINATOR_ADDRESS_VAR = "MOE_COORDINATOR_ADDRESS"
 NUM_PROCESSES_VAR = "MOE_NUM_PROCESSES"
@@ -157,3 +159,10 @@ def _count(environ: Mapping[str, str], name: str) -> int:
 def is_main_process() -> bool:
   """Whether this is process 0, the one that writes logs and summaries."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process must call this)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -225,10 +225,11 @@ def _resume_or_start(
                  checkpointer.directory)
     state = layout.initialize(seed, init_params_fn)
     return state, itertools.chain([first_batch], train_iter)
+  # restore_latest checked the data state with train_iter.set_state, which
+  # left the iterator at the restored position.
   logging.info("Resuming from the checkpoint of step %d%s.", restored.step,
                "" if init_params_fn is None else
                " (config.init_from applies to fresh starts only)")
-  train_iter.set_state(restored.data_state)
   return restored.state, train_iter
 
 

@@ -32,8 +32,8 @@ from typing import Any, IO
 from absl import logging
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
+
+from moe.parallel import multihost
 
 LOCK_NAME = "lock.json"
 
@@ -102,10 +102,7 @@ class WorkdirLock:
         self._held = True
       except WorkdirLockedError as e:
         error = e
-    failed = error is not None
-    if jax.process_count() > 1:
-      failed = bool(np.any(multihost_utils.process_allgather(
-          np.int32(failed))))
+    failed = multihost.any_process(error is not None)
     if error is not None:
       raise error
     if failed:
