@@ -38,8 +38,4 @@ def get_config(arg=None):
   Returns:
     The experiment config.
   """
-  arg = recipes.parse_arg(arg, runlocal=False, experts=8)
-  router = recipes.router_config("SparseTopK", capacity_factor=1.25,
-                                 regularization=0.1)
-  moe = recipes.moe_config(arg.experts, 2, layers="every_2", router=router)
-  return recipes.digits_config(moe, runlocal=arg.runlocal)
+  return recipes.small_vmoe_config(recipes.digits_config, arg)

@@ -7,7 +7,8 @@ Command (CPU, a few minutes):
 Shapes: D=384, H=4D, K=2, capacity factor 1.25, E in (8, 32), 2048 tokens in
 groups of S=256. Prints one table row per (E, router, dispatcher) with the
 step time, tokens/s and the step time relative to NoisyTopExpertsPerItem with
-the same E and dispatcher (the target for SparseTopK is <= 1.25x).
+the same E and dispatcher (the target for SparseTopK is <= 1.25x). SoftMoE
+has one row per E (its own soft dispatch, in the einsum rows).
 """
 import time
 
@@ -18,8 +19,12 @@ import numpy as np
 from moe.nn import moe_layer
 
 WIDTH, NUM_TOKENS, GROUP_SIZE, K, CAPACITY_FACTOR = 384, 2048, 256, 2, 1.25
-ROUTERS = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK")
+ROUTERS = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK",
+           "SparseTopItemsPerExpert", "SoftMoE")
 DISPATCHERS = ("einsum", "index")
+# SoftMoE mixes every token into every slot (`dispatch.SoftDispatcher`)
+# whatever the layer's dispatcher: timed once, in the einsum rows.
+SOFT_ROUTERS = ("SoftMoE",)
 
 
 def step_time(num_experts, router, dispatcher, repeats=5):
@@ -57,6 +62,8 @@ def main():
     for dispatcher in DISPATCHERS:
       baseline = None
       for router in ROUTERS:
+        if dispatcher != "einsum" and router in SOFT_ROUTERS:
+          continue
         seconds = step_time(num_experts, router, dispatcher)
         baseline = baseline or seconds
         print(f"{num_experts:>3} {router:<24} {dispatcher:<10} "

@@ -22,6 +22,9 @@ import topk_reference
 import train_testing
 
 ROUTER_NAMES = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK")
+# Routers compiled with the einsum dispatcher only: SoftMoE has no other;
+# SparseTopItemsPerExpert shares TopItemsPerExpert's index path.
+EINSUM_ROUTERS = ("SparseTopItemsPerExpert", "SoftMoE")
 BUFFER_DISPATCHERS = ("einsum", "index")
 HERE = os.path.dirname(os.path.abspath(__file__))
 jit = nn_test_util.jit
@@ -54,12 +57,14 @@ RAGGED = ("1:ragged:SparseTopK", "1:ragged:NoisyTopExpertsPerItem")
 def _cases(expert):
   """Every router and buffer dispatcher, plus CONTROL or RAGGED.
 
-  RAGGED cases run data parallel on 8 devices; they go with expert = 8.
+  EINSUM_ROUTERS go with expert = 4; RAGGED cases run data parallel on 8
+  devices; they go with expert = 8.
   """
   cases = tuple(f"{expert}:{dispatcher}:{router}"
                 for dispatcher in BUFFER_DISPATCHERS
                 for router in ROUTER_NAMES)
-  return cases + {4: (CONTROL,), 8: RAGGED}.get(expert, ())
+  einsum_only = tuple(f"4:einsum:{router}" for router in EINSUM_ROUTERS)
+  return cases + {4: (CONTROL, *einsum_only), 8: RAGGED}.get(expert, ())
 
 
 @pytest.mark.parametrize("expert", (2, 4, 8))
@@ -95,11 +100,11 @@ def _mesh(expert):
 def _layer(router, dispatcher, num_selected=2, pinned=True, group_size=None,
            **router_fields):
   fields = {"name": router, "capacity_factor": 1.0, **router_fields}
-  if router == "SparseTopK":
+  if router.startswith("Sparse"):
     # Float noise of sharded reductions must not move gates across the
     # dispatch threshold; gates with p = 4/3 pile up just above 0.
     fields.setdefault("min_gate", 1e-3)
-  if router != "TopItemsPerExpert":
+  if router in ("NoisyTopExpertsPerItem", "SparseTopK"):
     fields.setdefault("noise_std", 1.0)
   axes = {}
   if pinned:
@@ -119,8 +124,10 @@ def _combos(expert):
   if expert == 1:
     return [(router, "ragged") for router in ROUTER_NAMES
             if router != "TopItemsPerExpert"]
-  return [(router, kind) for router in ROUTER_NAMES
-          for kind in BUFFER_DISPATCHERS]
+  # SoftMoE has other parameters than PARAMS; test_nn_moe_layer shards it.
+  return ([(router, kind) for router in ROUTER_NAMES
+           for kind in BUFFER_DISPATCHERS] +
+          [("SparseTopItemsPerExpert", "einsum")])
 
 
 def _value_and_grads(combos):

@@ -10,7 +10,8 @@ from moe.nn import moe_layer
 from moe.nn import transformer
 import nn_test_util
 
-ROUTER_NAMES = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK")
+ROUTER_NAMES = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK",
+                "SparseTopItemsPerExpert")
 KEY = jax.random.key(0)
 jit = nn_test_util.jit
 _normal = nn_test_util.normal
@@ -180,7 +181,8 @@ def test_bad_config_raises_naming_the_field(kwargs, field):
     jax.eval_shape(layer.init, KEY, jnp.zeros((2, 4, 6)))
 
 
-def test_sharded_layer_matches_unsharded(eight_devices):
+@pytest.mark.parametrize("name", ("SparseTopK", "SoftMoE"))
+def test_sharded_layer_matches_unsharded(name, eight_devices):
   mesh = jax.sharding.Mesh(np.array(eight_devices).reshape(2, 4),
                            ("data", "expert"))
   named = lambda *spec: jax.sharding.NamedSharding(
@@ -188,8 +190,9 @@ def test_sharded_layer_matches_unsharded(eight_devices):
   x = _normal(1, 8, 8, 6)
   # min_gate: float noise from sharded reductions must not move gates across
   # the dispatch threshold; gates with p = 4/3 pile up just above 0.
-  layer = _layer("SparseTopK", dispatcher="index", router={
-      "name": "SparseTopK", "capacity_factor": 1.0, "min_gate": 1e-3})
+  router = {"name": name, "capacity_factor": 1.0, "min_gate": 1e-3}
+  layer = _layer(name, router=router,
+                 dispatcher="einsum" if name == "SoftMoE" else "index")
   params = _random_params(layer, x)
 
   def loss(params, x):

@@ -13,7 +13,9 @@ from moe.nn import moe_layer
 from moe.nn import routers
 import nn_test_util
 
-ROUTER_NAMES = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK")
+ROUTER_NAMES = ("NoisyTopExpertsPerItem", "TopItemsPerExpert", "SparseTopK",
+                "SparseTopItemsPerExpert")
+EXPERTS_CHOICE = ("TopItemsPerExpert", "SparseTopItemsPerExpert")
 KEY = jax.random.key(0)
 jit = nn_test_util.jit
 _normal = nn_test_util.normal
@@ -149,8 +151,10 @@ def test_router_shapes_dtypes_and_invariants(name, dispatcher_name, config):
   assert np.all(weights[mask == 0] == 0)
   assert np.all(weights >= 0)
   experts_per_token = mask.sum(axis=(2, 3))
-  if name != "TopItemsPerExpert":
+  if name not in EXPERTS_CHOICE:
     assert experts_per_token.max() <= k
+  else:   # Every expert fills its C slots.
+    np.testing.assert_array_equal(mask.sum(axis=(1, 3)), capacity)
   np.testing.assert_allclose(metrics["tokens_per_expert"],
                              mask.sum(axis=(1, 3)).mean(axis=0))
   np.testing.assert_allclose(metrics["experts_per_token"],
@@ -428,3 +432,59 @@ def test_per_item_routing_fills_first_choices_first():
   np.testing.assert_array_equal(routing.token_index[0, :, 0], [0, 1])
   np.testing.assert_allclose(routing.combine_weights[0, :, 0], [0.6, 0.7])
   np.testing.assert_array_equal(routing.experts_per_token(2), [[1, 1]])
+
+
+@pytest.mark.parametrize("schedule, quarter", [
+    ("linear", 1.0 - 0.9 / 4),
+    ("cosine", 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))),
+    ("geometric", 0.1**0.25),
+])
+def test_regularization_schedule_values(schedule, quarter):
+  router = routers.SparseTopK(
+      num_experts=4, regularization=1.0, regularization_end=0.1,
+      regularization_schedule=schedule, regularization_steps=100)
+  values = [float(router.regularization_at(jnp.asarray(step)))
+            for step in (0, 25, 100, 300)]
+  np.testing.assert_allclose(values, [1.0, quarter, 0.1, 0.1], rtol=1e-6)
+  assert float(router.regularization_at(None)) == pytest.approx(0.1)
+  fixed = routers.SparseTopK(num_experts=4, regularization=0.3)
+  assert float(fixed.regularization_at(jnp.asarray(7))) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", ("SparseTopK", "SparseTopItemsPerExpert"))
+def test_scheduled_router_equals_the_fixed_router_at_that_lambda(name):
+  config = {"name": name, "regularization": 1.0, "regularization_end": 0.05,
+            "regularization_schedule": "geometric", "regularization_steps": 10}
+  scheduled = routers.create_router(config, num_experts=4,
+                                    num_selected_experts=2, dispatcher="index")
+  x = _normal(0, NUM_GROUPS, GROUP_SIZE, WIDTH)
+  params = {"params": _kernel(WIDTH, 4)}
+  step = jnp.asarray(4)
+  value = float(scheduled.regularization_at(step))   # 0.05 ** 0.4
+  fixed = scheduled.clone(regularization=value, regularization_end=None)
+
+  def run(params, x, step):
+    return (scheduled.apply(params, x, step=step), fixed.apply(params, x),
+            scheduled.apply(params, x))
+  (got, got_metrics), (want, want_metrics), (_, end_metrics) = jit(run)(
+      params, x, step)
+  np.testing.assert_array_equal(got.routing.token_index,
+                                want.routing.token_index)
+  np.testing.assert_allclose(got.routing.combine_weights,
+                             want.routing.combine_weights, atol=2e-6)
+  np.testing.assert_allclose(got_metrics["regularization"], value, rtol=1e-6)
+  np.testing.assert_allclose(end_metrics["regularization"], 0.05, rtol=1e-6)
+  assert got_metrics["support_size"] > end_metrics["support_size"]
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"regularization_end": 0.0}, "regularization_end"),
+    ({"regularization_steps": 0}, "regularization_steps"),
+    ({"regularization_schedule": "step"}, "regularization_schedule"),
+    ({"regularization": -1.0}, "regularization"),
+    ({"z_loss_weight": -1.0}, "z_loss_weight"),
+])
+def test_bad_schedule_fields_raise(fields, match):
+  for name in ("SparseTopK", "SparseTopItemsPerExpert"):
+    with pytest.raises(ValueError, match=match):
+      routers.create_router({"name": name, **fields}, num_experts=4)

@@ -37,8 +37,9 @@ FINE_TUNING = ("digits_ft_vmoe.py", "cifar100_ft_vit_b16.py")
 
 
 def test_every_config_is_tested():
-  assert set(CONFIGS) == set(FULL_SCALE) | {"digits_vit.py", "digits_vmoe.py",
-                                             *FINE_TUNING}
+  assert set(CONFIGS) == set(FULL_SCALE) | {
+      "digits_vit.py", "digits_vmoe.py", "mnist5k_vit.py", "mnist5k_vmoe.py",
+      *FINE_TUNING}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -76,16 +77,18 @@ def test_full_scale_configs_follow_the_vmoe_paper(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["digits_vmoe.py", "digits_vit.py", "digits_ft_vmoe.py"])
+    "name", ["digits_vmoe.py", "digits_vit.py", "digits_ft_vmoe.py",
+             "mnist5k_vmoe.py", "mnist5k_vit.py"])
 def test_digits_configs_document_command_and_result(name):
   docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
   assert f"python -m moe.main --config configs/{name}" in docstring
   assert "eval_accuracy=" in docstring
 
 
-def test_digits_vmoe_and_vit_differ_only_in_the_moe():
-  vmoe = train_testing.load_config("digits_vmoe.py").to_dict()
-  vit = train_testing.load_config("digits_vit.py").to_dict()
+@pytest.mark.parametrize("dataset", ["digits", "mnist5k"])
+def test_vmoe_and_vit_differ_only_in_the_moe(dataset):
+  vmoe = train_testing.load_config(f"{dataset}_vmoe.py").to_dict()
+  vit = train_testing.load_config(f"{dataset}_vit.py").to_dict()
   moe = vmoe["model"]["encoder"].pop("moe")
   assert vit["model"]["encoder"].pop("moe") is None
   assert vmoe["mesh"].pop("partition_rules") == recipes.EXPERT_PARTITION_RULES
@@ -200,3 +203,14 @@ def test_fine_tuning_configs_start_from_a_checkpoint():
     assert expected in docstring, expected
   assert train_testing.load_config(
       "cifar100_ft_vit_b16.py:runlocal").init_from.checkpoint is None
+
+
+def test_mnist5k_is_the_digits_model_on_50_tokens():
+  mnist = train_testing.load_config("mnist5k_vmoe.py")
+  digits = train_testing.load_config("digits_vmoe.py")
+  assert mnist.dataset.name == "mnist5k"
+  assert mnist.model.variant == "tiny/4"
+  model = models.build_model(mnist.model)
+  assert model.patch_shape == (4, 4)
+  assert mnist.model.encoder.to_dict() == digits.model.encoder.to_dict()
+  assert mnist.optimizer.to_dict() == digits.optimizer.to_dict()

@@ -159,8 +159,8 @@ def test_create_loss_checks_names_and_options():
 class _Identity(nn.Module):
 
   @nn.compact
-  def __call__(self, x, *, train=False):
-    del train
+  def __call__(self, x, *, train=False, step=None):
+    del train, step
     return x * self.param("scale", nn.initializers.ones, ()), {
         "auxiliary_loss": jnp.float32(0.0)}
 

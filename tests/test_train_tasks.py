@@ -15,9 +15,10 @@ class _FixedModel(nn.Module):
   """Logits = inputs (one bias-free scale), with MoE-like metrics."""
 
   @nn.compact
-  def __call__(self, x, *, train=False):
+  def __call__(self, x, *, train=False, step=None):
     scale = self.param("scale", nn.initializers.ones, ())
     metrics = {"auxiliary_loss": jnp.float32(0.5),
+               "step": jnp.float32(-1 if step is None else step),
                "encoderblock_1/tokens_per_expert": jnp.array([1., 3.]),
                "encoderblock_1/dropped_fraction": jnp.float32(0.25 + train)}
     return scale * x, metrics
@@ -38,7 +39,8 @@ def test_train_loss_is_smoothed_cross_entropy_plus_weighted_aux_loss():
   task = _task(label_smoothing=0.1, aux_loss_weight=0.2)
   batch = {"image": LOGITS, "labels": LABELS}
   params = task.init(jax.random.key(0), batch)
-  loss, metrics = task.train_loss(params, batch, jax.random.key(1))
+  loss, metrics = task.train_loss(params, batch, jax.random.key(1), 7)
+  assert metrics["step"] == 7    # The model sees the train step.
   xent = optax.softmax_cross_entropy(LOGITS, optax.smooth_labels(LABELS, 0.1))
   np.testing.assert_allclose(metrics["task_loss"], xent.mean(), rtol=1e-6)
   np.testing.assert_allclose(loss, xent.mean() + 0.2 * 0.5, rtol=1e-6)
@@ -57,7 +59,8 @@ def test_eval_metrics_ignore_padding_rows():
             "mask": np.array([True, True, True, False, False])}
   params = task.init(jax.random.key(0), padded)
   metrics = {name: float(metric.compute()) for name, metric in
-             task.eval_metrics(params, padded).items()}
+             task.eval_metrics(params, padded, 5).items()}
+  assert metrics["step"] == 5
   xent = optax.softmax_cross_entropy(LOGITS, LABELS)  # No smoothing at eval.
   assert metrics["loss"] == pytest.approx(float(xent.mean()), rel=1e-6)
   assert metrics["accuracy"] == pytest.approx(1 / 3)

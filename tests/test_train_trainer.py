@@ -34,7 +34,12 @@ def _config(data_dir, *overrides):
       f"--config.checkpoint.every_steps={EVERY}",
       f"--config.evaluation.every_steps={EVERY}",
       "--config.logging.every_steps=5",
-      "--config.optimizer.frozen_params=('embedding/kernel',)", *overrides)
+      "--config.optimizer.frozen_params=('embedding/kernel',)",
+      # λ of the SparseTopK routers from 0.1 at step 0 to 0.05 at step 20.
+      "--config.model.encoder.moe.router.regularization_end=0.05",
+      f"--config.model.encoder.moe.router.regularization_steps={STEPS}",
+      "--config.model.encoder.moe.router.regularization_schedule=linear",
+      *overrides)
 
 
 def _double_embedding(params):
@@ -106,6 +111,14 @@ def test_trains_evaluates_and_writes_events_with_sharded_experts(
                "steps_per_sec"):
     assert name in events, name
   assert [step for step, _ in events["eval_accuracy"]] == [10, 20]
+  # The routers see the step: evaluations at the state's step, train metrics
+  # averaged over the steps 0-4, ..., 15-19 of each logging window.
+  np.testing.assert_allclose(
+      [v for _, v in events["eval_encoderblock_1/regularization"]],
+      [0.075, 0.05], rtol=1e-6)
+  np.testing.assert_allclose(
+      [v for _, v in events["train_encoderblock_1/regularization"]],
+      [0.1 - 0.0025 * (5 * i + 2) for i in range(4)], rtol=1e-6)
   assert result.eval_metrics["eval_accuracy"] > 0.2
   assert result.eval_metrics["eval_top5"] >= result.eval_metrics[
       "eval_accuracy"]

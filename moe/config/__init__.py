@@ -9,7 +9,7 @@ Modules, from the bottom of the import graph to the top:
   experiment: `ExperimentConfig`, one typed section per top-level field,
     and `base_config()`, built from those sections' dataclasses.
   recipes: the building blocks of the config files in `configs/` (models,
-    routers, the digits experiment, the V-MoE recipe, `runlocal`).
+    routers, the digits and mnist5k experiments, the V-MoE recipe, `runlocal`).
 
 `schema` and `param_names` import nothing else from `moe`; `experiment` and
 `recipes` import the modules whose sections they assemble, so import them

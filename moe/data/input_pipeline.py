@@ -47,8 +47,8 @@ class DatasetConfig:
     name: tfds name, optionally with config/version ("digits", "mnist",
       "cifar10", "cifar100", "imagenet2012", "imagenet21k", ...).
     data_dir: data dir holding the prepared dataset; None resolves to
-      $MOE_DATA_DIR or ~/.cache/moe/tensorflow_datasets for "digits" (which is
-      prepared there on first use) and to $TFDS_DATA_DIR or
+      $MOE_DATA_DIR or ~/.cache/moe/tensorflow_datasets for the embedded
+      "digits" and "mnist5k" (prepared there on first use) and to $TFDS_DATA_DIR or
       ~/tensorflow_datasets for other datasets (see `moe.data.sources`).
     train_split: tfds split to train on; sub-splits allowed ("train[:90%]").
     eval_split: tfds split to evaluate on.

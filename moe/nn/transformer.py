@@ -93,12 +93,14 @@ class EncoderBlock(nn.Module):
   moe: Optional[Mapping[str, Any]] = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Metrics]:
+  def __call__(self, x: Array, *, train: bool = False,
+               step: Optional[Array] = None) -> tuple[Array, Metrics]:
     """Applies the block.
 
     Args:
       x: `[B, L, D]` tokens.
       train: whether dropout, drop path and router noise are active.
+      step: the train step (router schedules); None: their end.
 
     Returns:
       `[B, L, D]` tokens and the MoE layer's metrics (empty for a dense MLP).
@@ -129,7 +131,7 @@ class EncoderBlock(nn.Module):
     else:
       y, metrics = moe_layer.MoeMlpBlock(
           mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-          name="MoeBlock_3", **self.moe)(y, train=train)
+          name="MoeBlock_3", **self.moe)(y, train=train, step=step)
     return x + drop_path(y, deterministic=deterministic), metrics
 
 
@@ -169,7 +171,8 @@ class Encoder(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, Metrics]:
+  def __call__(self, x: Array, *, train: bool = False,
+               step: Optional[Array] = None) -> tuple[Array, Metrics]:
     """Encodes `[B, L, D]` tokens.
 
     Args:
@@ -177,6 +180,7 @@ class Encoder(nn.Module):
         position embedding, which the encoder adds.
       train: whether dropout, drop path and router noise are active (in
         every block).
+      step: the train step (router schedules); None: their end.
 
     Returns:
       `[B, L, D]` encoded tokens and metrics: `auxiliary_loss`, the sum of
@@ -200,7 +204,7 @@ class Encoder(nn.Module):
           stochastic_depth=(self.stochastic_depth * i /
                             max(self.num_layers - 1, 1)),
           moe=moe_kwargs if i in moe_layers else None,
-          name=f"encoderblock_{i}")(x, train=train)
+          name=f"encoderblock_{i}")(x, train=train, step=step)
       for key, value in block_metrics.items():
         metrics[f"encoderblock_{i}/{key}"] = value
       auxiliary_loss += block_metrics.get("auxiliary_loss", 0.)

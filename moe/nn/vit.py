@@ -169,13 +169,15 @@ class VisionTransformer(nn.Module):
     return tuple(self.patch_size)
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False
-               ) -> tuple[Array, Metrics]:
+  def __call__(self, images: Array, *, train: bool = False,
+               step: Optional[Array] = None) -> tuple[Array, Metrics]:
     """Classifies images.
 
     Args:
       images: `[B, h, w, channels]`; h and w multiples of the patch size.
       train: whether dropout, drop path and router noise are active.
+      step: the train step, for router schedules (`moe.nn.routers`); None:
+        their end values.
 
     Returns:
       `[B, num_classes]` logits and the encoder metrics (see
@@ -196,7 +198,7 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
 
     x, metrics = transformer.Encoder(name="Transformer", **self.encoder)(
-        x, train=train)
+        x, train=train, step=step)
     if self.classifier == "token":
       x = x[:, 0]
     elif self.classifier == "gap":

@@ -8,7 +8,7 @@ larger capacity factor) live in the task's eval model.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from clu import metrics as clu_metrics
 import jax
@@ -52,15 +52,23 @@ class Evaluator:
     self._step = partitioning.jit_on_mesh(
         task.eval_metrics, layout.mesh,
         in_shardings=(layout.shardings.params,
-                      partitioning.batch_sharding(layout.mesh)),
+                      partitioning.batch_sharding(layout.mesh),
+                      partitioning.replicated(layout.mesh)),
         out_shardings=partitioning.replicated(layout.mesh))
 
-  def __call__(self, params: Any) -> dict[str, float]:
-    """Returns `eval_<name>` for every metric of the task, over the split."""
+  def __call__(self, params: Any,
+               step: Optional[jax.Array] = None) -> dict[str, float]:
+    """Returns `eval_<name>` for every metric of the task, over the split.
+
+    Args:
+      params: the parameters, in the layout's shardings.
+      step: the train step of `params` (for schedules inside the model);
+        None: the model at the end of its schedules.
+    """
     totals = None
     for local_batch in self._data:
       batch = partitioning.shard_batch(local_batch, self._mesh)
-      metrics = jax.tree.map(_to_host, self._step(params, batch))
+      metrics = jax.tree.map(_to_host, self._step(params, batch, step))
       totals = metrics if totals is None else jax.tree.map(
           lambda a, b: a.merge(b), totals, metrics, is_leaf=_is_metric)
     if totals is None:

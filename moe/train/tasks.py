@@ -7,9 +7,9 @@ sequence models) is a new task, not a new loop:
 
   train = task.make_train_iterator()          # local batches, resumable
   params = task.init(rng, batch)              # batch: arrays or shapes
-  loss, metrics = task.train_loss(params, batch, rng)  # under jit and grad
+  loss, metrics = task.train_loss(params, batch, rng, step)  # jit and grad
   for batch in task.make_eval_data():         # padded local batches
-    metrics = task.eval_metrics(params, batch)  # dict of clu Metrics
+    metrics = task.eval_metrics(params, batch, step)  # dict of clu Metrics
 
 Batches are dicts of arrays with a leading axis B; eval batches also hold
 `moe.data.MASK_KEY` (bool [B], False for padding rows), and eval metrics
@@ -23,7 +23,7 @@ key of `TASKS`, the other `config.task` fields are that task's options.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Optional, Protocol
 
 from clu import metrics as clu_metrics
 import flax.linen as nn
@@ -74,13 +74,20 @@ class Task(Protocol):
   def init(self, rng: jax.Array, batch: Batch) -> PyTree:
     """Returns fresh parameters for batches shaped like `batch`."""
 
-  def train_loss(self, params: PyTree, batch: Batch,
-                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
-    """Returns the scalar loss to minimise and scalar metrics."""
+  def train_loss(self, params: PyTree, batch: Batch, rng: jax.Array,
+                 step: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, Metrics]:
+    """Returns the scalar loss to minimise and scalar metrics.
 
-  def eval_metrics(self, params: PyTree,
-                   batch: Batch) -> dict[str, clu_metrics.Metric]:
-    """Returns mergeable metrics of one padded eval batch."""
+    `step` is the train step of the state being updated (for schedules
+    inside the model, e.g. a router's regularisation).
+    """
+
+  def eval_metrics(self, params: PyTree, batch: Batch,
+                   step: Optional[jax.Array] = None
+                   ) -> dict[str, clu_metrics.Metric]:
+    """Returns mergeable metrics of one padded eval batch at train step
+    `step` (None: the model at the end of its schedules)."""
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -138,8 +145,10 @@ class ClassificationTask:
   included, since routers see whole batches).
 
   Attributes:
-    model: flax module, `model.apply(variables, inputs, train=...)` returns
-      `(logits [B, num_classes], metrics)`; used for training.
+    model: flax module, `model.apply(variables, inputs, train=..., step=...)`
+      returns `(logits [B, num_classes], metrics)`; used for training.
+      `step` is the train step (None outside training), for schedules in
+      the model.
     eval_model: the module used for evaluation; it must have the parameters
       of `model` (e.g. the same model with another capacity factor).
     dataset: the dataset config (`moe.data.DatasetConfig`).
@@ -222,12 +231,14 @@ class ClassificationTask:
     return self.model.init({"params": rng}, batch[self.inputs_key],
                            train=False)["params"]
 
-  def train_loss(self, params: PyTree, batch: Batch,
-                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
+  def train_loss(self, params: PyTree, batch: Batch, rng: jax.Array,
+                 step: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, Metrics]:
     rngs = dict(zip(MODEL_RNG_STREAMS,
                     jax.random.split(rng, len(MODEL_RNG_STREAMS))))
     logits, model_metrics = self.model.apply(
-        {"params": params}, batch[self.inputs_key], train=True, rngs=rngs)
+        {"params": params}, batch[self.inputs_key], train=True, step=step,
+        rngs=rngs)
     labels = batch[self.labels_key]
     targets = labels
     if self.label_smoothing:
@@ -241,10 +252,11 @@ class ClassificationTask:
         "accuracy": jnp.mean(topk_correct(logits, labels, 1)),
     }
 
-  def eval_metrics(self, params: PyTree,
-                   batch: Batch) -> dict[str, clu_metrics.Metric]:
+  def eval_metrics(self, params: PyTree, batch: Batch,
+                   step: Optional[jax.Array] = None
+                   ) -> dict[str, clu_metrics.Metric]:
     logits, model_metrics = self.eval_model.apply(
-        {"params": params}, batch[self.inputs_key], train=False)
+        {"params": params}, batch[self.inputs_key], train=False, step=step)
     labels, mask = batch[self.labels_key], batch[data_lib.MASK_KEY]
 
     def per_example(values):

@@ -210,7 +210,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(task.train_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, rng)
+    (_, metrics), grads = grad_fn(state.params, batch, rng, state.step)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state,
                                              state.params)
     params = optax.apply_updates(state.params, updates)

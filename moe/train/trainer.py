@@ -276,7 +276,7 @@ class _Run:
           self.reporter.write_scalars(step, train_scalars)
         if evaluate:
           with self.reporter.timed("eval"):
-            eval_scalars = self.evaluator(state.params)
+            eval_scalars = self.evaluator(state.params, state.step)
           self.reporter.write_scalars(step, eval_scalars)
         if save:
           self.checkpointer.save(
@@ -284,7 +284,7 @@ class _Run:
               metrics=eval_scalars if evaluate else None,
               force=preempted or last)
     if not eval_scalars and not preempted:
-      eval_scalars = self.evaluator(state.params)
+      eval_scalars = self.evaluator(state.params, state.step)
     return TrainResult(step=step, state=state, train_metrics=train_scalars,
                        eval_metrics=eval_scalars,
                        wall_s=time.monotonic() - start_time,
