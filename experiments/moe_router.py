@@ -366,12 +366,11 @@ def accuracy_vs_step_time(results):
                 xerr=summary["step_ms"]["std"],
                 yerr=summary["accuracy"]["std"], fmt="o", color=f"C{i}",
                 capsize=3, label=ROWS[key].label)
-  ax.set_xlabel("train step time (ms, median)")
-  ax.set_ylabel("test accuracy (top-1)")
-  ax.set_title(f"{results['config']['dataset']}: "
-               f"{results['config']['seeds']} seeds")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  results_io.finish_axes(
+      ax, xlabel="train step time (ms, median)",
+      ylabel="test accuracy (top-1)",
+      title=f"{results['config']['dataset']}: "
+      f"{results['config']['seeds']} seeds")
   return fig
 
 

@@ -196,6 +196,16 @@ def new_figure(nrows: int = 1, ncols: int = 1, panel_size=(4.5, 3.5)):
   return fig, axes
 
 
+def finish_axes(ax, *, xlabel: str, ylabel: str, title: str,
+                legend_fontsize: float = 7) -> None:
+  """Labels, title, a light grid and the legend of a one-panel figure."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=legend_fontsize)
+
+
 def write_results(out_dir: pathlib.Path, results: Mapping[str, Any],
                   markdown: str,
                   figures: Mapping[str, mpl_figure.Figure]) -> dict[str, str]:

@@ -1,8 +1,16 @@
-r"""Exports the parameters of a run as a public-ViT `.npz`.
+r"""Exports the parameters of a run as a public-ViT `.npz`, or a PQK student.
 
   python -m moe.export --workdir /tmp/digits_vit --out /tmp/digits_vit.npz
   python -m moe.export --workdir W --step 400 --out model.npz \
       --layout big_vision
+  python -m moe.export --workdir /tmp/pqk --out student.npz \
+      --pqk_config configs/mnist5k_pqk_mlp.py
+
+With `--pqk_config` (the run's config file, with the same overrides, e.g.
+`--pqk_config.task.sparsity=0.5`) the file is the compressed student of a
+PQK run (`moe.compress.student_file`: packed low-bit codes, bitmask,
+scales), read back by `moe.compress.student_file.read_student`; the command
+prints its size on disk.
 
 The file holds '/'-joined parameter names (`np.savez`), in the layout
 `--layout` names (`moe.checkpoints.layouts`):
@@ -40,10 +48,13 @@ from absl import flags
 from etils import epath
 import numpy as np
 
+from ml_collections import config_flags
+
 from moe.checkpoints import init_from
 from moe.checkpoints import layouts
 from moe.checkpoints import manager
 from moe.config import param_names
+from moe.train import tasks
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Workdir (or checkpoint directory) of the run.")
@@ -54,6 +65,9 @@ _LAYOUT = flags.DEFINE_enum(
     "layout", "vit_jax", layouts.LAYOUTS,
     "Parameter names of the file: vit_jax (google-research/"
     "vision_transformer's released files), vit_jax_linen or big_vision.")
+_PQK_CONFIG = config_flags.DEFINE_config_file(
+    "pqk_config", None, "Config file of a PQK run (config.task.name='pqk'): "
+    "export its compressed student instead of the parameters.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -113,9 +127,44 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike,
   return arrays
 
 
+def export_pqk_student(workdir: str | os.PathLike, out: str | os.PathLike,
+                       config, step: int | None = None) -> int:
+  """Writes the compressed student of a PQK run; returns its size in bytes.
+
+  Args:
+    workdir: the run's workdir or checkpoint directory.
+    out: the `.npz` path.
+    config: the run's experiment config (`config.task.name == "pqk"`).
+    step: a saved step; None for the latest.
+
+  Raises:
+    ValueError: if the config is not a PQK run.
+    manager.CheckpointError: if the checkpoint cannot be read.
+  """
+  if config.task.get("name") != "pqk":
+    raise ValueError("--pqk_config must be a PQK run's config "
+                     f"(config.task.name='pqk'), got {config.task.get('name')!r}.")
+  directory = epath.Path(workdir)
+  if (directory / manager.CHECKPOINT_SUBDIR).is_dir():
+    directory = directory / manager.CHECKPOINT_SUBDIR
+  with manager.Checkpointer(directory, read_only=True) as checkpointer:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise manager.CheckpointError(f"no checkpoint in {directory}.")
+    params = checkpointer.restore_params(step)
+  task = tasks.create_task(config)
+  return task.export_student(params, step, str(out), config.model)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if _PQK_CONFIG.value is not None:
+    size = export_pqk_student(_WORKDIR.value, _OUT.value, _PQK_CONFIG.value,
+                              _STEP.value)
+    print(f"wrote {_OUT.value}: the PQK student, {size / 1024:.1f} KB on "
+          "disk")
+    return
   arrays = export(_WORKDIR.value, _OUT.value, _STEP.value, _LAYOUT.value)
   size = sum(value.nbytes for value in arrays.values())
   print(f"wrote {_OUT.value}: {len(arrays)} arrays, {size / 2**20:.1f} MiB, "

@@ -29,3 +29,12 @@ def digits_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   sources.load_builder("digits", data_dir)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist5k_data_dir(tmp_path_factory):
+  """A data dir holding the prepared embedded mnist5k dataset."""
+  from moe.data import sources  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds_mnist5k"))
+  sources.load_builder("mnist5k", data_dir)
+  return data_dir

@@ -67,7 +67,8 @@ def _cases(expert):
   return cases + {4: (CONTROL, *einsum_only), 8: RAGGED}.get(expert, ())
 
 
-@pytest.mark.parametrize("expert", (2, 4, 8))
+# expert = 2 adds nothing that 4 does not check and costs a minute of CI.
+@pytest.mark.parametrize("expert", (4, 8))
 def test_compiled_train_step_moves_tokens_not_experts(expert):
   records = _programs(_cases(expert))
   assert sorted(records) == sorted(_cases(expert))

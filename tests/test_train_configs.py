@@ -34,12 +34,13 @@ def _num_params(model, image_size, channels=3):
 
 
 FINE_TUNING = ("digits_ft_vmoe.py", "cifar100_ft_vit_b16.py")
+PQK = ("mnist5k_pqk_mlp.py", "digits_pqk_vit.py")
 
 
 def test_every_config_is_tested():
   assert set(CONFIGS) == set(FULL_SCALE) | {
       "digits_vit.py", "digits_vmoe.py", "mnist5k_vit.py", "mnist5k_vmoe.py",
-      *FINE_TUNING}
+      *FINE_TUNING, *PQK}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -78,7 +79,7 @@ def test_full_scale_configs_follow_the_vmoe_paper(name):
 
 @pytest.mark.parametrize(
     "name", ["digits_vmoe.py", "digits_vit.py", "digits_ft_vmoe.py",
-             "mnist5k_vmoe.py", "mnist5k_vit.py"])
+             "mnist5k_vmoe.py", "mnist5k_vit.py", *PQK])
 def test_digits_configs_document_command_and_result(name):
   docstring = open(os.path.join(train_testing.CONFIGS, name)).read()
   assert f"python -m moe.main --config configs/{name}" in docstring
@@ -214,3 +215,14 @@ def test_mnist5k_is_the_digits_model_on_50_tokens():
   assert model.patch_shape == (4, 4)
   assert mnist.model.encoder.to_dict() == digits.model.encoder.to_dict()
   assert mnist.optimizer.to_dict() == digits.optimizer.to_dict()
+
+
+@pytest.mark.parametrize("name", PQK)
+def test_pqk_configs_fit_their_phases_and_presets(name):
+  config = train_testing.load_config(name + ":sparsity=0.5,bits=4,method=soft")
+  task = tasks.create_task(config)
+  assert (task.sparsity, task.weight_bits, task.pruning_method) == (
+      0.5, 4, "soft")
+  prune, warmup, mutual = task.schedule.boundaries
+  assert 0 < prune < warmup < mutual < config.total_steps
+  assert config.optimizer.schedule.name == "constant"

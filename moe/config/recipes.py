@@ -31,6 +31,7 @@ from moe.nn import transformer
 from moe.nn import vit
 from moe.parallel import partitioning
 from moe.train import losses
+from moe.train import tasks
 
 # Shards the leading E axis of every expert parameter of a V-MoE over the
 # mesh's 'expert' axis (`moe.parallel.partitioning`).
@@ -301,6 +302,56 @@ def small_vmoe_config(make_config: Callable[..., ml_collections.ConfigDict],
                          regularization=0.1)
   moe = moe_config(arg.experts, 2, layers="every_2", router=router)
   return make_config(moe, runlocal=arg.runlocal)
+
+
+def mlp_model(num_classes: int, hidden_sizes=(300, 100)
+              ) -> ml_collections.ConfigDict:
+  """Returns a `config.model` section of `moe.nn.mlp` (LeNet-300-100)."""
+  return ml_collections.ConfigDict(dict(
+      name="mlp", num_classes=num_classes, hidden_sizes=tuple(hidden_sizes)))
+
+
+def parse_pqk_arg(arg: str | None, *, sparsity: float, bits: int
+                  ) -> ml_collections.ConfigDict:
+  """Parses a PQK config file's argument: `runlocal`, `sparsity=S`,
+  `bits=B` (weights) and `method=hard|soft`, with these defaults."""
+  return parse_arg(arg, runlocal=False, sparsity=sparsity, bits=bits,
+                   method="hard")
+
+
+def pqk_config(config: ml_collections.ConfigDict,
+               preset: ml_collections.ConfigDict, *, learning_rate: float,
+               **task_fields: Any) -> ml_collections.ConfigDict:
+  """Makes `config` a PQK run (`moe.train.pqk_task`), in place.
+
+  The run's steps are split into the phases: a third dense, a third
+  pruning in 4 rounds (2 for runs under 40 steps), a tenth warm-up, the
+  rest mutual distillation; Adam at a constant learning rate, since every
+  phase trains anew.
+
+  Args:
+    config: an experiment config with its total_steps set.
+    preset: `parse_pqk_arg(...)`: sparsity, weight bits, pruning method.
+    learning_rate: Adam's learning rate.
+    **task_fields: other `config.task` fields that replace the defaults.
+
+  Returns:
+    `config`.
+  """
+  task_fields = dict(sparsity=preset.sparsity, weight_bits=preset.bits,
+                     pruning_method=preset.method, **task_fields)
+  total = config.total_steps
+  config.task = tasks.default_task_config("pqk")
+  config.task.update(dict(
+      dense_steps=total // 3, prune_steps=total // 3,
+      warmup_steps=total // 10, pruning_rounds=4 if total >= 40 else 2))
+  schema.check_unknown_fields(task_fields, tuple(config.task), "config.task")
+  config.task.update(task_fields)
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.schedule.name = "constant"
+  config.optimizer.schedule.warmup_steps = 0
+  return config
 
 
 def set_loss(config: ml_collections.ConfigDict, name: str) -> None:

@@ -3,6 +3,9 @@
 Modules:
   trainer: `train_and_evaluate(config, workdir)`, the train loop.
   tasks: the task protocol (data, model, loss, metrics) and classification.
+  task_parts: what tasks share: rng streams, metrics, building from config.
+  pqk_task: PQK, prune -> QAT -> mutual distillation (`config.task.name`
+    "pqk").
   losses: per-example losses by name.
   train_state: the train state, its shardings, initialisation and step.
   evaluation: evaluation over the eval split.

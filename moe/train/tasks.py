@@ -17,6 +17,13 @@ must weight by it. `train_loss` metrics are scalars; the loop averages them
 over the steps between two reports and writes them as `train_<name>`; eval
 metrics are merged over the eval split and written as `eval_<name>`.
 
+A task may also define two hooks that the train step calls when present
+(`moe.train.train_state.make_train_step`), for state that lives in the
+parameters but is not trained (pruning masks):
+
+  params = task.prepare_params(params, step)      # before the forward pass
+  updates = task.mask_updates(updates, params, step)  # after the optimizer
+
 Tasks are built from config by `create_task(config)`: `config.task.name` is a
 key of `TASKS`, the other `config.task` fields are that task's options.
 """
@@ -33,17 +40,20 @@ import ml_collections
 import optax
 
 from moe import data as data_lib
-from moe import ops
-from moe.nn import models
 from moe.config import schema
 from moe.train import losses
+from moe.train import pqk_task
+from moe.train import task_parts
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 PyTree = Any
 
-# Rng streams of the models in `moe.nn`: dropout and router noise.
-MODEL_RNG_STREAMS = ("dropout", "gating")
+# The shared pieces live in `task_parts`; these names are kept here.
+MODEL_RNG_STREAMS = task_parts.MODEL_RNG_STREAMS
+topk_correct = task_parts.topk_correct
+scalar_model_metrics = task_parts.scalar_model_metrics
+merged_model_config = task_parts.merged_model_config
 
 
 class TrainIterator(Protocol):
@@ -88,47 +98,6 @@ class Task(Protocol):
                    ) -> dict[str, clu_metrics.Metric]:
     """Returns mergeable metrics of one padded eval batch at train step
     `step` (None: the model at the end of its schedules)."""
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """Whether one of the k highest logits is a positive label.
-
-  Args:
-    logits: `[B, num_classes]`.
-    labels: `[B, num_classes]`, one-hot or multi-hot (positive where > 0).
-    k: number of predictions; capped at num_classes.
-
-  Returns:
-    float32 `[B]`, 1 where a top-k prediction is a positive label.
-  """
-  _, predicted = ops.top_k_by_sort(logits, min(k, logits.shape[-1]))
-  hits = jnp.take_along_axis(labels, predicted, axis=-1) > 0
-  return jnp.any(hits, axis=-1).astype(jnp.float32)
-
-
-def scalar_model_metrics(metrics: Mapping[str, jax.Array]) -> Metrics:
-  """Turns a model's metrics into scalars that can be averaged and logged.
-
-  Scalars are kept. A vector (the MoE load `tokens_per_expert` [E]) becomes
-  `<name>_cv`, its coefficient of variation std / mean: 0 for perfectly
-  balanced experts.
-
-  Args:
-    metrics: the model's metrics, e.g. `auxiliary_loss` and
-      `encoderblock_N/<router metric>`.
-
-  Returns:
-    float32 scalars.
-  """
-  scalars = {}
-  for name, value in metrics.items():
-    value = jnp.asarray(value, jnp.float32)
-    if value.ndim == 0:
-      scalars[name] = value
-    else:
-      mean = jnp.mean(value)
-      scalars[f"{name}_cv"] = jnp.std(value) / jnp.where(mean > 0, mean, 1.)
-  return scalars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,36 +155,14 @@ class ClassificationTask:
   @classmethod
   def config_fields(cls) -> tuple[str, ...]:
     """The attributes that `config.task` sets (all but modules and data)."""
-    return tuple(name for name in schema.field_names(cls)
-                 if name not in cls.BUILT_FIELDS)
+    return task_parts.config_fields(cls)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict
                   ) -> "ClassificationTask":
-    """Builds the task from the whole experiment config.
-
-    Reads `config.task` (the task's attributes except the modules and the
-    dataset), `config.model`, `config.dataset` and
-    `config.evaluation.model_overrides` (merged into `config.model` to build
-    `eval_model`).
-
-    Args:
-      config: the experiment config.
-
-    Returns:
-      The task.
-    """
-    options = schema.to_dict(config.task, "config.task")
-    options.pop("name", None)
-    schema.check_unknown_fields(options, ("name",) + cls.config_fields(),
-                                "config.task")
-    overrides = config.get("evaluation", {}).get("model_overrides")
-    return cls(
-        model=models.build_model(config.model),
-        eval_model=models.build_model(
-            merged_model_config(config.model, overrides)),
-        dataset=data_lib.DatasetConfig.from_config(config.dataset),
-        **options)
+    """Builds the task from the whole experiment config
+    (`task_parts.task_from_config`)."""
+    return task_parts.task_from_config(cls, config)
 
   def loss_fn(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example losses `[B]` of the configured loss and options."""
@@ -234,11 +181,9 @@ class ClassificationTask:
   def train_loss(self, params: PyTree, batch: Batch, rng: jax.Array,
                  step: Optional[jax.Array] = None
                  ) -> tuple[jax.Array, Metrics]:
-    rngs = dict(zip(MODEL_RNG_STREAMS,
-                    jax.random.split(rng, len(MODEL_RNG_STREAMS))))
     logits, model_metrics = self.model.apply(
         {"params": params}, batch[self.inputs_key], train=True, step=step,
-        rngs=rngs)
+        rngs=task_parts.model_rngs(rng))
     labels = batch[self.labels_key]
     targets = labels
     if self.label_smoothing:
@@ -257,35 +202,19 @@ class ClassificationTask:
                    ) -> dict[str, clu_metrics.Metric]:
     logits, model_metrics = self.eval_model.apply(
         {"params": params}, batch[self.inputs_key], train=False, step=step)
-    labels, mask = batch[self.labels_key], batch[data_lib.MASK_KEY]
-
-    def per_example(values):
-      return clu_metrics.Average.from_model_output(values, mask=mask)
-
     metrics = {name: clu_metrics.Average.from_model_output(value)
                for name, value in scalar_model_metrics(model_metrics).items()}
-    metrics.update(
-        loss=per_example(self.loss_fn(logits, labels)),
-        accuracy=per_example(topk_correct(logits, labels, 1)),
-        top5=per_example(topk_correct(logits, labels, 5)))
+    metrics.update(task_parts.eval_classification(
+        logits, batch[self.labels_key], batch[data_lib.MASK_KEY],
+        self.loss_fn))
     return metrics
-
-
-def merged_model_config(model: Any, overrides: Any) -> dict[str, Any]:
-  """Returns `model` (a config section) with `overrides` merged in, deeply."""
-  merged = schema.to_dict(model, "config.model")
-  for key, value in schema.to_dict(
-      overrides, "config.evaluation.model_overrides").items():
-    if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-      value = merged_model_config(merged[key], value)
-    merged[key] = value
-  return merged
 
 
 # Task classes by `config.task.name`; each has `from_config(config)`,
 # `config_fields()` (the fields of `config.task` besides `name`) and
 # `BUILT_FIELDS` (its other attributes).
-TASKS: dict[str, type] = {"classification": ClassificationTask}
+TASKS: dict[str, type] = {"classification": ClassificationTask,
+                          "pqk": pqk_task.PqkTask}
 
 
 def default_task_config(name: str) -> ml_collections.ConfigDict:

@@ -192,7 +192,11 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the jitted train step: forward, loss, gradients, update.
 
-  The step donates the input state. It returns the new state and the task's
+  The step donates the input state. A task's optional hooks run inside it:
+  `prepare_params(params, step)` before the forward pass (e.g. new pruning
+  masks at a round's first step) and `mask_updates(updates, params, step)`
+  on the optimizer's updates (e.g. zero for frozen weights: exactly
+  unchanged, whatever the optimizer's momentum or weight decay). It returns the new state and the task's
   scalar metrics plus `learning_rate` (before `lr_mults`), `grad_norm`
   (global norm of the gradient) and `state_finite` (whether every float of
   the new parameters and optimizer state is finite), replicated.
@@ -207,13 +211,20 @@ def make_train_step(
   """
   task, optimizer = layout.task, layout.optimizer
 
+  prepare_params = getattr(task, "prepare_params", None)
+  mask_updates = getattr(task, "mask_updates", None)
+
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    params = state.params
+    if prepare_params is not None:
+      params = prepare_params(params, state.step)
     grad_fn = jax.value_and_grad(task.train_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, rng, state.step)
-    updates, opt_state = optimizer.tx.update(grads, state.opt_state,
-                                             state.params)
-    params = optax.apply_updates(state.params, updates)
+    (_, metrics), grads = grad_fn(params, batch, rng, state.step)
+    updates, opt_state = optimizer.tx.update(grads, state.opt_state, params)
+    if mask_updates is not None:
+      updates = mask_updates(updates, params, state.step)
+    params = optax.apply_updates(params, updates)
     metrics = dict(metrics,
                    learning_rate=optimizer.learning_rate(state.step),
                    grad_norm=optax.global_norm(grads))
