@@ -250,7 +250,9 @@ class PqkTask:
 
   def student_params(self, params: PyTree, step: jax.Array,
                      quantize: jax.Array | bool,
-                     trained: jax.Array | bool = True) -> PyTree:
+                     trained: jax.Array | bool = True,
+                     kernels: Mapping[str, jax.Array] | None = None
+                     ) -> PyTree:
     """The student's view of the model parameters.
 
     Args:
@@ -258,11 +260,13 @@ class PqkTask:
       step: the train step.
       quantize: fake-quantize the pruned kernels (may be traced).
       trained: 1.0 to pass the gradient to the weights, 0.0 to stop it.
+      kernels: `student_kernels(params, step)` if already computed.
 
     Returns:
       The model's parameters as the student sees them.
     """
-    kernels = self.student_kernels(params, step)
+    if kernels is None:
+      kernels = self.student_kernels(params, step)
     flat = {}
     for name, value in _flat(params[MODEL]).items():
       if name in kernels:
@@ -317,8 +321,10 @@ class PqkTask:
     quantize = student_on & self.qat
     student_rng, teacher_rng = jax.random.split(rng)
     inputs, labels = batch[self.inputs_key], batch[self.labels_key]
+    kernels = self.student_kernels(params, step)
     student_logits, student_metrics = self._apply(
-        self.model, self.student_params(params, step, quantize, student_on),
+        self.model, self.student_params(params, step, quantize, student_on,
+                                        kernels),
         inputs, train=True, step=step, rng=student_rng,
         quantize_inputs=quantize)
     teacher_logits, teacher_metrics = self._apply(
@@ -340,7 +346,7 @@ class PqkTask:
                             + self.teacher_kd_weight * teacher_kd))
     return loss, {
         **task_parts.scalar_model_metrics(student_metrics),
-        **self.sparsity_metrics(self.student_kernels(params, step)),
+        **self.sparsity_metrics(kernels),
         "loss": loss, "student_loss": student_loss,
         "teacher_loss": teacher_loss, "student_kd": student_kd,
         "teacher_kd": teacher_kd,
@@ -380,13 +386,15 @@ class PqkTask:
     params = self.prepare_params(params, step)
     inputs, labels = batch[self.inputs_key], batch[self.labels_key]
     mask = batch[data_lib.MASK_KEY]
+    kernels = self.student_kernels(params, step)
     logits, model_metrics = self._apply(
-        self.eval_model, self.student_params(params, step, quantize=True),
+        self.eval_model, self.student_params(params, step, True,
+                                             kernels=kernels),
         inputs, train=False, step=step, quantize_inputs=True)
     teacher_logits, _ = self._apply(self.eval_model, params[MODEL], inputs,
                                     train=False, step=step)
     scalars = {**task_parts.scalar_model_metrics(model_metrics),
-               **self.sparsity_metrics(self.student_kernels(params, step)),
+               **self.sparsity_metrics(kernels),
                **self._schedule_metrics(step, True)}
     metrics = {name: clu_metrics.Average.from_model_output(value)
                for name, value in scalars.items()}
