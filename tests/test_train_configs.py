@@ -40,7 +40,7 @@ PQK = ("mnist5k_pqk_mlp.py", "digits_pqk_vit.py")
 def test_every_config_is_tested():
   assert set(CONFIGS) == set(FULL_SCALE) | {
       "digits_vit.py", "digits_vmoe.py", "mnist5k_vit.py", "mnist5k_vmoe.py",
-      *FINE_TUNING, *PQK}
+      *FINE_TUNING, *PQK, "mnist5k_smec.py"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

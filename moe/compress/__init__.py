@@ -10,6 +10,13 @@ Modules:
     events.
   student_file: the compressed student in one file (packed codes, bitmask),
     its loader and `predict`.
+  dimension_selection: SMEC's learnable dimension logits and selectors
+    (Gumbel top-k, sparse top-k, hard straight-through).
+  rank_loss: the listwise rank loss between full and compressed
+    similarities.
+  cross_batch_memory: S-XBM, a queue of embeddings mined for hard pairs.
+  retrieval: nDCG@k, recall@k and mAP@k with class labels as relevance.
 
-The PQK task that trains with them is `moe.train.pqk_task`.
+The tasks that train with them are `moe.train.pqk_task` and
+`moe.train.smec_task`.
 """

@@ -354,6 +354,52 @@ def pqk_config(config: ml_collections.ConfigDict,
   return config
 
 
+def parse_smec_arg(arg: str | None) -> ml_collections.ConfigDict:
+  """Parses an SMEC config file's argument: `runlocal`,
+  `method=smec|mrl`, `selector=<name>`, `memory=true|false` (S-XBM)."""
+  return parse_arg(arg, runlocal=False, method="smec",
+                   selector="sparse_topk", memory=False)
+
+
+def smec_config(config: ml_collections.ConfigDict,
+                preset: ml_collections.ConfigDict, *, backbone: str,
+                stage_steps: int, learning_rate: float
+                ) -> ml_collections.ConfigDict:
+  """Makes `config` (the backbone's experiment) an SMEC run, in place.
+
+  `moe.train.smec_task` on the backbone's frozen embeddings of
+  `config.dataset`: the default kept sizes D/2, D/4, D/8, `stage_steps`
+  steps per stage (SMRL; the MRL baseline trains as many steps in one
+  stage), Adam at a constant learning rate, an evaluation and a checkpoint
+  at the end of every stage.
+
+  Args:
+    config: the backbone's experiment config (its model and dataset).
+    preset: `parse_smec_arg(...)`.
+    backbone: the default `config.task.backbone` (a workdir).
+    stage_steps: steps per stage.
+    learning_rate: Adam's learning rate.
+
+  Returns:
+    `config`.
+  """
+  config.task = tasks.default_task_config("smec")
+  config.task.update(dict(backbone=backbone, method=preset.method,
+                          selector=preset.selector,
+                          cross_batch_memory=preset.memory))
+  config.total_steps = 3 * stage_steps
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.grad_clip_norm = None
+  config.optimizer.schedule.name = "constant"
+  config.optimizer.schedule.warmup_steps = 0
+  for section in (config.evaluation, config.checkpoint):
+    section.every_steps = stage_steps
+  config.checkpoint.best_metric = None
+  config.logging.every_steps = max(stage_steps // 4, 1)
+  return config
+
+
 def set_loss(config: ml_collections.ConfigDict, name: str) -> None:
   """Sets the loss and all its options at their defaults, in place.
 

@@ -4,6 +4,7 @@ Modules:
   input_pipeline: the dataset config section and the task's entry points
     (train iterator, eval data).
   train_iterator: the checkpointable train iterator.
+  array_data: train iterator and eval batches of in-memory arrays.
   order: the train stream's order as a pure function of (seed, epoch).
   sources: prepared tfds datasets by name, per-process blocks of records.
   preprocess: preprocessing strings and the op registry.
@@ -13,6 +14,8 @@ Modules:
     builder.
 """
 from moe.data import preprocess_ops  # noqa: F401  (registers the ops)
+from moe.data.array_data import ArrayEvalData
+from moe.data.array_data import ArrayTrainIterator
 from moe.data.input_pipeline import DatasetConfig
 from moe.data.input_pipeline import default_config
 from moe.data.input_pipeline import EvalData

@@ -183,7 +183,7 @@ def make_train_iterator(
       process_index=part.process_index, prefetch=config.prefetch, state=state)
 
 
-def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def padded_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   """Pads every feature of `batch` with zero rows to `size`; adds the mask."""
   num_real = len(next(iter(batch.values())))
   padded = {
@@ -224,11 +224,11 @@ class EvalData:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     num_real_batches, empty = 0, None
     for batch in self._batches.as_numpy_iterator():
-      yield _padded(batch, self.batch_size)
+      yield padded_batch(batch, self.batch_size)
       num_real_batches += 1
       empty = {key: x[:0] for key, x in batch.items()}
     for _ in range(num_real_batches, self.num_batches):
-      yield _padded(empty, self.batch_size)
+      yield padded_batch(empty, self.batch_size)
 
 
 def make_eval_data(config: ml_collections.ConfigDict, *,

@@ -51,7 +51,10 @@ The model is called as `model.apply(variables, images, train=...)` with
 images `[B, h, w, channels]` and returns `(logits [B, num_classes],
 metrics)`; `metrics["auxiliary_loss"]` sums the MoE layers' auxiliary losses
 (the trainer weights it). At train time it needs the rngs "dropout" and,
-with noisy routers, "gating".
+with noisy routers, "gating". The representation the head reads (`[B, D]`,
+or `[B, representation_size]`) is sown as `intermediates/representation`:
+`model.apply(variables, images, mutable=["intermediates"])` returns it
+(the frozen embeddings of `moe.train.smec_task`).
 """
 from __future__ import annotations
 
@@ -83,6 +86,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "H": (1280, 32, 5120, 16),
 }
 CLASSIFIERS = ("token", "gap", "map")
+# Name of the sown representation (`intermediates/representation`).
+REPRESENTATION = "representation"
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -208,6 +213,7 @@ class VisionTransformer(nn.Module):
                   name="MAPHead_0")(x)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+    self.sow("intermediates", REPRESENTATION, x)
     head_init = (nn.initializers.zeros if self.head_zeroinit
                  else nn.initializers.lecun_normal())
     logits = nn.Dense(self.num_classes, kernel_init=head_init, name="head")(x)

@@ -6,6 +6,9 @@ Modules:
   task_parts: what tasks share: rng streams, metrics, building from config.
   pqk_task: PQK, prune -> QAT -> mutual distillation (`config.task.name`
     "pqk").
+  smec_task: SMEC and its Matryoshka baseline, embedding compression by
+    learned dimension selection (`config.task.name` "smec").
+  frozen_embeddings: a trained backbone's embeddings of a dataset.
   losses: per-example losses by name.
   train_state: the train state, its shardings, initialisation and step.
   evaluation: evaluation over the eval split.

@@ -17,12 +17,16 @@ must weight by it. `train_loss` metrics are scalars; the loop averages them
 over the steps between two reports and writes them as `train_<name>`; eval
 metrics are merged over the eval split and written as `eval_<name>`.
 
-A task may also define two hooks that the train step calls when present
+A task may also define three hooks that the train step calls when present
 (`moe.train.train_state.make_train_step`), for state that lives in the
-parameters but is not trained (pruning masks):
+parameters but is not trained (pruning masks, a queue of embeddings):
 
   params = task.prepare_params(params, step)      # before the forward pass
   updates = task.mask_updates(updates, params, step)  # after the optimizer
+  params = task.after_update(params, batch, step)     # after the update
+
+and `summary_metrics`, the eval metrics of the run's final line (default
+`eval_accuracy`, `eval_top5`, `eval_loss`).
 
 Tasks are built from config by `create_task(config)`: `config.task.name` is a
 key of `TASKS`, the other `config.task` fields are that task's options.
@@ -43,6 +47,7 @@ from moe import data as data_lib
 from moe.config import schema
 from moe.train import losses
 from moe.train import pqk_task
+from moe.train import smec_task
 from moe.train import task_parts
 
 Batch = Mapping[str, jax.Array]
@@ -214,7 +219,8 @@ class ClassificationTask:
 # `config_fields()` (the fields of `config.task` besides `name`) and
 # `BUILT_FIELDS` (its other attributes).
 TASKS: dict[str, type] = {"classification": ClassificationTask,
-                          "pqk": pqk_task.PqkTask}
+                          "pqk": pqk_task.PqkTask,
+                          "smec": smec_task.SmecTask}
 
 
 def default_task_config(name: str) -> ml_collections.ConfigDict:

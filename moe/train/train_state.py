@@ -196,7 +196,9 @@ def make_train_step(
   `prepare_params(params, step)` before the forward pass (e.g. new pruning
   masks at a round's first step) and `mask_updates(updates, params, step)`
   on the optimizer's updates (e.g. zero for frozen weights: exactly
-  unchanged, whatever the optimizer's momentum or weight decay). It returns the new state and the task's
+  unchanged, whatever the optimizer's momentum or weight decay), and
+  `after_update(params, batch, step)` on the updated parameters (e.g. a
+  queue of the batch's embeddings). It returns the new state and the task's
   scalar metrics plus `learning_rate` (before `lr_mults`), `grad_norm`
   (global norm of the gradient) and `state_finite` (whether every float of
   the new parameters and optimizer state is finite), replicated.
@@ -213,6 +215,7 @@ def make_train_step(
 
   prepare_params = getattr(task, "prepare_params", None)
   mask_updates = getattr(task, "mask_updates", None)
+  after_update = getattr(task, "after_update", None)
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -225,6 +228,8 @@ def make_train_step(
     if mask_updates is not None:
       updates = mask_updates(updates, params, state.step)
     params = optax.apply_updates(params, updates)
+    if after_update is not None:
+      params = after_update(params, batch, state.step)
     metrics = dict(metrics,
                    learning_rate=optimizer.learning_rate(state.step),
                    grad_norm=optax.global_norm(grads))

@@ -17,7 +17,8 @@
   5. prints, on process 0, the summary line
      `final: step=N eval_accuracy=A eval_top5=B eval_loss=L wall_s=W`, e.g.
      `final: step=1000 eval_accuracy=0.9528 eval_top5=1.0000 eval_loss=0.189
-     wall_s=115` (accuracies with 4 decimals, loss with 3, seconds rounded).
+     wall_s=115` (accuracies with 4 decimals, loss with 3, seconds rounded);
+     a task with `summary_metrics` (retrieval) prints those instead.
 
 A restarted run resumes by itself and produces the same parameters and
 metrics as one that never stopped. A NaN or infinite train loss, or a step
@@ -77,13 +78,17 @@ class TrainResult(NamedTuple):
   preempted: bool
 
 
-def final_line(step: int, eval_metrics: Mapping[str, float],
-               wall_s: float) -> str:
-  """Returns the summary line printed at the end of a run."""
-  return (f"final: step={step} "
-          f"eval_accuracy={eval_metrics['eval_accuracy']:.4f} "
-          f"eval_top5={eval_metrics['eval_top5']:.4f} "
-          f"eval_loss={eval_metrics['eval_loss']:.3f} wall_s={round(wall_s)}")
+SUMMARY_METRICS = ("eval_accuracy", "eval_top5", "eval_loss")
+
+
+def final_line(step: int, eval_metrics: Mapping[str, float], wall_s: float,
+               names: Sequence[str] = SUMMARY_METRICS) -> str:
+  """Returns the summary line printed at the end of a run: the eval metrics
+  `names` (a task's `summary_metrics`), losses to 3 decimals, others to 4."""
+  values = " ".join(
+      f"{name}={eval_metrics[name]:.{3 if name.endswith('loss') else 4}f}"
+      for name in names)
+  return f"final: step={step} {values} wall_s={round(wall_s)}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -162,7 +167,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     logging.warning("Preempted at step %d: checkpoint saved; run the same "
                     "command again to resume.", result.step)
   else:
-    line = final_line(result.step, result.eval_metrics, result.wall_s)
+    line = final_line(result.step, result.eval_metrics, result.wall_s,
+                      getattr(task, "summary_metrics", SUMMARY_METRICS))
     logging.info("%s", line)
     if multihost.is_main_process():
       print(line, flush=True)
