@@ -23,9 +23,9 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from moe.data import input_pipeline
+from moe.data import train_iterator
 
 Arrays = Mapping[str, np.ndarray]
-_STATE_KEYS = ("epoch", "index_in_epoch")
 
 
 def _num_rows(arrays: Arrays, field: str) -> int:
@@ -87,19 +87,11 @@ class ArrayTrainIterator:
 
   def get_state(self) -> dict[str, int]:
     """The position of the next row: {"epoch", "index_in_epoch"}."""
-    epoch, index = divmod(self._position, self.num_examples)
-    return {"epoch": int(epoch), "index_in_epoch": int(index)}
+    return train_iterator.position_state(self._position, self.num_examples)
 
   def set_state(self, state: Mapping[str, int]) -> None:
     """Moves to a position returned by `get_state`."""
-    if set(state) != set(_STATE_KEYS):
-      raise ValueError(f"Train iterator state must have keys {_STATE_KEYS}, "
-                       f"got {sorted(state)}.")
-    epoch, index = (int(np.asarray(state[k])) for k in _STATE_KEYS)
-    if epoch < 0 or not 0 <= index < self.num_examples:
-      raise ValueError(f"Train iterator state {dict(state)} is out of range "
-                       f"for {self.num_examples} examples per epoch.")
-    self._position = epoch * self.num_examples + index
+    self._position = train_iterator.state_position(state, self.num_examples)
 
   def __iter__(self) -> "ArrayTrainIterator":
     return self

@@ -44,6 +44,24 @@ State = dict[str, int]
 _STATE_KEYS = ("epoch", "index_in_epoch")
 
 
+def position_state(position: int, num_examples: int) -> State:
+  """The state {"epoch", "index_in_epoch"} of a stream position."""
+  epoch, index = divmod(position, num_examples)
+  return {"epoch": int(epoch), "index_in_epoch": int(index)}
+
+
+def state_position(state: Mapping[str, int], num_examples: int) -> int:
+  """The stream position of a state (ints or numpy scalars), checked."""
+  if set(state) != set(_STATE_KEYS):
+    raise ValueError(f"Train iterator state must have keys {_STATE_KEYS}, "
+                     f"got {sorted(state)}.")
+  epoch, index = (int(np.asarray(state[k])) for k in _STATE_KEYS)
+  if epoch < 0 or not 0 <= index < num_examples:
+    raise ValueError(f"Train iterator state {dict(state)} is out of range "
+                     f"for {num_examples} examples per epoch.")
+  return epoch * num_examples + index
+
+
 class TrainIterator:
   """Infinite iterator over this process's train batches, checkpointable.
 
@@ -91,19 +109,11 @@ class TrainIterator:
 
   def get_state(self) -> State:
     """Returns the position of the next example: {"epoch", "index_in_epoch"}."""
-    epoch, index = divmod(self._position, self.num_examples)
-    return {"epoch": int(epoch), "index_in_epoch": int(index)}
+    return position_state(self._position, self.num_examples)
 
   def set_state(self, state: Mapping[str, int]) -> None:
     """Moves to a position returned by `get_state` (ints or numpy scalars)."""
-    if set(state) != set(_STATE_KEYS):
-      raise ValueError(f"Train iterator state must have keys {_STATE_KEYS}, "
-                       f"got {sorted(state)}.")
-    epoch, index = (int(np.asarray(state[k])) for k in _STATE_KEYS)
-    if epoch < 0 or not 0 <= index < self.num_examples:
-      raise ValueError(f"Train iterator state {dict(state)} is out of range "
-                       f"for {self.num_examples} examples per epoch.")
-    self._position = epoch * self.num_examples + index
+    self._position = state_position(state, self.num_examples)
     self._batches = None
 
   def __iter__(self) -> TrainIterator:
