@@ -107,7 +107,7 @@ def test_create_task_builds_the_eval_model_with_overrides():
 
 @pytest.mark.parametrize("field, value, message", [
     ("name", "regression", r"config.task.name must be one of "
-     r"'classification', 'pqk'; got 'regression'"),
+     r"'classification', 'pqk', 'smec'; got 'regression'"),
     ("label_smoothing", 1.0,
      r"config.task.label_smoothing must be in \[0, 1\)"),
 ])
