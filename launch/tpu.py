@@ -2,12 +2,14 @@
 r"""Cloud TPU launcher: creates a TPU VM or pod slice and runs `moe.main` on it.
 
   python launch/tpu.py create --accelerator-type v4-32 [--spot] [--queued]
-  python launch/tpu.py setup  [--repo-url URL [--ref REF]]
+                              [--internal-ips]
+  python launch/tpu.py setup  [--repo-url URL [--ref REF]] [--jax-version V]
   python launch/tpu.py run    --config configs/EXP.py[:ARG] --workdir gs://B/D
                               [--tfds-data-dir gs://B/T]
                               [--restart-on-preemption] [-- MOE_MAIN_FLAGS...]
   python launch/tpu.py logs   [--worker N] [--lines N] [--follow]
-  python launch/tpu.py ssh    [--worker N]
+  python launch/tpu.py ssh    [--worker N] [--command CMD]
+  python launch/tpu.py ssh    --worker all --command CMD
   python launch/tpu.py delete [--yes]
 
 Every subcommand also takes --name, --zone, --project and --dry-run; --dry-run
@@ -17,21 +19,28 @@ MOE_TPU_PROJECT or CLOUDSDK_CORE_PROJECT, MOE_TPU_ACCELERATOR, ...; each
 flag's --help names its own). Bad input exits with status 2 and one line.
 
 `setup` copies this checkout (a tarball; or a `git clone` of --repo-url) to
-every worker and installs it with `jax[tpu]` in a virtual environment.
+every worker and installs it in a virtual environment with `jax[tpu]` pinned
+to the jax version installed here (or --jax-version), from the package
+registry alone, so that every worker gets the same jax, jaxlib and libtpu.
 `run` starts `python -m moe.main --config ... --workdir ...` on every worker
 at once, in the background (nohup), with output appended to
-~/moe-logs/train.log on each worker. On a multi-host slice it sets
-MOE_NUM_PROCESSES, MOE_PROCESS_ID (the worker number) and
-MOE_COORDINATOR_ADDRESS (worker 0) from the VM metadata, so that
-`moe.parallel.multihost` initialises `jax.distributed` on every host. A job
+~/moe-logs/train.log on each worker. Each worker reads the slice's own
+metadata: with more than one entry in `worker-network-endpoints`, it exports
+MOE_NUM_PROCESSES (the number of entries), MOE_PROCESS_ID (its
+`agent-worker-number`) and MOE_COORDINATOR_ADDRESS (the first entry's
+address), so that `moe.parallel.multihost` initialises `jax.distributed` on
+every host; no table of hosts per accelerator type is involved. A job
 restarted with the same --workdir resumes from its last checkpoint;
 `run --restart-on-preemption` stays in the foreground and does that by itself
-(see launch/README.md).
+(see launch/README.md). `--internal-ips` creates the slice without external
+IP addresses and reaches it over its internal ones (`--internal-ip` of
+`gcloud ... ssh` and `scp`), for organisations that block external IPs.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import os
 import pathlib
 import re
@@ -49,11 +58,13 @@ REMOTE_TARBALL = "moe.tar.gz"  # Relative to the remote home directory.
 LOG_FILE = "~/moe-logs/train.log"
 EXIT_FILE = "~/moe-logs/train.exit"
 PID_FILE = "~/moe-logs/train.pid"
+# No longer used: `setup` installs jax[tpu] and libtpu from the package
+# registry alone, pinned to one version.
 LIBTPU_FIND_LINKS = (
     "https://storage.googleapis.com/jax-releases/libtpu_releases.html")
 METADATA_URL = ("http://metadata.google.internal/computeMetadata/v1/"
                 "instance/attributes")
-COORDINATOR_PORT = 8482  # The port jax itself uses on Cloud TPU.
+COORDINATOR_PORT = 8476  # The port jax's own Cloud TPU detection uses.
 PREEMPTED_EXIT_STATUS = "143"  # moe.main after SIGTERM: 128 + 15.
 APT = "sudo apt-get -o DPkg::Lock::Timeout=600"
 TARBALL_EXCLUDES = (".git", ".venv", "__pycache__", "*.egg-info",
@@ -71,12 +82,14 @@ ENV_VARS = {
     "accelerator_type": ("MOE_TPU_ACCELERATOR",),
     "runtime_version": ("MOE_TPU_RUNTIME_VERSION",),
     "spot": ("MOE_TPU_SPOT",),
+    "internal_ips": ("MOE_TPU_INTERNAL_IPS",),
+    "jax_version": ("MOE_JAX_VERSION",),
     "repo_url": ("MOE_REPO_URL",),
     "ref": ("MOE_REPO_REF",),
     "workdir": ("MOE_WORKDIR",),
     "tfds_data_dir": ("TFDS_DATA_DIR",),
 }
-BOOLEAN_SETTINGS = ("queued", "spot")
+BOOLEAN_SETTINGS = ("queued", "spot", "internal_ips")
 _TRUE = ("1", "true", "yes")
 _FALSE = ("", "0", "false", "no")
 
@@ -92,12 +105,15 @@ class Generation:
   Attributes:
     prefix: the part before the dash.
     unit: what the number after the dash counts.
-    per_host: units per host (VM) of a multi-host slice.
+    per_host: units per host (VM) of a multi-host slice, for estimates
+      only: `run` counts the hosts from the slice's metadata instead.
     single_host_max: the largest number that fits on one host.
     runtime: default TPU software (runtime) version for JAX.
     sizes: the numbers gcloud accepts; empty means every multiple of
       `per_host` up to `max_size`.
     max_size: see `sizes`.
+    preemptible: whether gcloud offers legacy preemptible TPUs
+      (`--preemptible`); the others have Spot VMs (`--spot`) only.
   """
   prefix: str
   unit: str
@@ -106,6 +122,7 @@ class Generation:
   runtime: str
   sizes: tuple[int, ...] = ()
   max_size: int = 0
+  preemptible: bool = False
 
   def accepts(self, size: int) -> bool:
     if self.sizes:
@@ -113,6 +130,7 @@ class Generation:
     return size % self.per_host == 0 and self.per_host <= size <= self.max_size
 
   def hosts(self, size: int) -> int:
+    """Hosts of a `size` slice: an estimate, `run` does not depend on it."""
     return 1 if size <= self.single_host_max else size // self.per_host
 
   def describe(self) -> str:
@@ -127,10 +145,11 @@ _CLASSIC_RUNTIME = "tpu-ubuntu2204-base"
 _LITE_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)
 GENERATIONS = {g.prefix: g for g in (
     Generation("v2", "TensorCores", 8, 8, _CLASSIC_RUNTIME,
-               sizes=(8, 32, 128, 256, 512)),
+               sizes=(8, 32, 128, 256, 512), preemptible=True),
     Generation("v3", "TensorCores", 8, 8, _CLASSIC_RUNTIME,
-               sizes=(8, 32, 64, 128, 256, 512, 1024, 2048)),
-    Generation("v4", "TensorCores", 8, 8, _CLASSIC_RUNTIME, max_size=4096),
+               sizes=(8, 32, 64, 128, 256, 512, 1024, 2048), preemptible=True),
+    Generation("v4", "TensorCores", 8, 8, _CLASSIC_RUNTIME, max_size=4096,
+               preemptible=True),
     Generation("v5litepod", "chips", 4, 8, "v2-alpha-tpuv5-lite",
                sizes=_LITE_SIZES),
     Generation("v5p", "TensorCores", 8, 8, "v2-alpha-tpuv5", max_size=12288),
@@ -230,7 +249,8 @@ def resolve(args: argparse.Namespace,
 
   Returns:
     `args`, completed: `accelerator` is an `Accelerator` (or None where the
-    subcommand does not need one) and `runtime_version` is set.
+    subcommand does not need one), `runtime_version` is set, and so is
+    `jax_version` where `setup` may run.
 
   Raises:
     UsageError: for a missing or invalid setting.
@@ -248,6 +268,10 @@ def resolve(args: argparse.Namespace,
     _resolve_slice(args)
   if hasattr(args, "workdir"):
     _resolve_job(args)
+  if hasattr(args, "jax_version"):
+    _resolve_jax_version(args)
+  if args.subcommand == "ssh":
+    _resolve_ssh(args)
   return args
 
 
@@ -257,6 +281,11 @@ def _resolve_slice(args: argparse.Namespace) -> None:
   args.accelerator = parse_accelerator(args.accelerator_type)
   args.runtime_version = (args.runtime_version
                           or args.accelerator.generation.runtime)
+  if args.preemptible and not args.accelerator.generation.preemptible:
+    legacy = ", ".join(g.prefix for g in GENERATIONS.values() if g.preemptible)
+    raise UsageError(
+        f"--preemptible exists only for {legacy}; {args.accelerator.type} "
+        f"takes --spot (Spot VMs) instead")
   if args.spot and args.preemptible:
     raise UsageError("--spot and --preemptible exclude each other "
                      "(MOE_TPU_SPOT may be set)")
@@ -271,10 +300,43 @@ def _resolve_job(args: argparse.Namespace) -> None:
   if args.accelerator.hosts > 1 and not args.workdir.startswith("gs://"):
     raise UsageError(
         f"workdir {args.workdir!r} must be a gs:// path on the multi-host "
-        f"slice {args.accelerator.type} ({args.accelerator.hosts} hosts "
-        f"write one checkpoint together)")
+        f"slice {args.accelerator.type} (all its hosts write each checkpoint "
+        f"together)")
   if args.poll_seconds <= 0:
     raise UsageError(f"--poll-seconds must be > 0, got {args.poll_seconds}")
+
+
+def local_jax_version() -> str | None:
+  """The version of jax installed in this Python, or None if it is not."""
+  try:
+    return importlib.metadata.version("jax")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _resolve_jax_version(args: argparse.Namespace) -> None:
+  """Sets the version `setup` pins `jax[tpu]` to: the flag, else jax's here."""
+  args.jax_version = args.jax_version or local_jax_version()
+  may_set_up = (args.subcommand == "setup"
+                or getattr(args, "restart_on_preemption", False))
+  if not may_set_up:
+    return
+  if not args.jax_version:
+    raise UsageError(
+        "jax is not installed in this Python, so setup has no version to pin "
+        "jax[tpu] to on the workers: pip install -e . here, or pass "
+        "--jax-version or set MOE_JAX_VERSION (e.g. --jax-version 0.4.35)")
+  _check_pattern(args.jax_version,
+                 r"[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.(post|dev)[0-9]+)*",
+                 "jax version", "--jax-version 0.4.35, a release on PyPI")
+
+
+def _resolve_ssh(args: argparse.Namespace) -> None:
+  """Refuses an interactive shell on all workers at once."""
+  if args.worker == "all" and not args.command:
+    raise UsageError(
+        "--worker all needs --command CMD (CMD runs on every worker); an "
+        "interactive shell takes one worker: --worker N (default 0)")
 
 
 # gcloud command lines.
@@ -296,9 +358,15 @@ def _queued(verb: str, s: argparse.Namespace,
           *_location(s), *flags]
 
 
+def _internal_ip(s: argparse.Namespace) -> list[str]:
+  """The ssh/scp flag that reaches the workers over their internal IPs."""
+  return ["--internal-ip"] if s.internal_ips else []
+
+
 def create_command(s: argparse.Namespace) -> list[str]:
   """The gcloud command that creates the TPU VM or queued resource."""
   model = ["--spot"] if s.spot else ["--preemptible"] if s.preemptible else []
+  model += ["--internal-ips"] if s.internal_ips else []
   accelerator = f"--accelerator-type={s.accelerator.type}"
   if s.queued:
     return _queued("create", s, [f"--node-id={s.name}", accelerator,
@@ -327,7 +395,8 @@ def ssh_command(s: argparse.Namespace, worker: str,
                 remote: str | None = None) -> list[str]:
   """`gcloud ... ssh` to one worker or all, running `remote` if given."""
   command = [f"--command={remote}"] if remote else []
-  return _tpu_vm("ssh", s.name, s=s, flags=[f"--worker={worker}", *command])
+  return _tpu_vm("ssh", s.name, s=s,
+                 flags=[f"--worker={worker}", *_internal_ip(s), *command])
 
 
 def _script(*steps: str) -> str:
@@ -357,15 +426,20 @@ def _fetch_source_steps(s: argparse.Namespace) -> list[str]:
   return steps
 
 
-def _install_steps(python: str) -> list[str]:
-  """Remote steps that create the virtual environment and install."""
+def _install_steps(python: str, jax_version: str) -> list[str]:
+  """Remote steps that create the virtual environment and install.
+
+  `jax[tpu]==jax_version` pins jaxlib and libtpu too, from the package
+  registry alone, so that every worker runs the same versions.
+  """
   py = shlex.quote(python)
   pip = f"{REMOTE_VENV}/bin/pip"
+  jax_tpu = shlex.quote(f"jax[tpu]=={jax_version}")
   return [
       f"({py} -m venv {REMOTE_VENV} || ({APT} update -q && {APT} install "
       f"-y -q {py} {py}-venv && {py} -m venv {REMOTE_VENV}))",
       f"{pip} install -q --upgrade pip",
-      f"{pip} install -q -e {REMOTE_DIR} 'jax[tpu]' -f {LIBTPU_FIND_LINKS}",
+      f"{pip} install -q -e {REMOTE_DIR} {jax_tpu}",
       f"{REMOTE_VENV}/bin/python -c 'import jax, moe.main; "
       f"print(\"moe installed, jax\", jax.__version__)'",
   ]
@@ -374,30 +448,43 @@ def _install_steps(python: str) -> list[str]:
 def setup_commands(s: argparse.Namespace,
                    environ: Mapping[str, str]) -> list[list[str]]:
   """Commands that copy the project to every worker and install it."""
-  remote = _script(*_fetch_source_steps(s), *_install_steps(s.python))
+  remote = _script(*_fetch_source_steps(s),
+                   *_install_steps(s.python, s.jax_version))
   install = ssh_command(s, "all", remote)
   if s.repo_url:
     return [install]
   tarball = local_tarball(environ)
   copy = _tpu_vm("scp", tarball, f"{s.name}:{REMOTE_TARBALL}", s=s,
-                 flags=["--worker=all"])
+                 flags=["--worker=all", *_internal_ip(s)])
   return [_tar_command(tarball), copy, install]
 
 
-def _multihost_steps(hosts: int) -> list[str]:
+def _multihost_steps() -> list[str]:
   """Remote steps exporting the settings `moe.parallel.multihost` reads.
 
-  The worker number and the address of worker 0 come from the TPU VM's
-  metadata, as jax's own Cloud TPU detection reads them; the first of the
-  'worker-network-endpoints' is worker 0, as 'name:id:address' or 'address'.
+  Everything comes from the slice's own metadata on each worker, as jax's
+  own Cloud TPU detection reads it: the number of processes is the number
+  of comma-separated 'worker-network-endpoints' (each 'name:id:address' or
+  'address'), the first of them is worker 0, the coordinator, and the
+  process id is the worker's 'agent-worker-number'. With one endpoint, or
+  no such attribute (HTTP 404: curl's status 22), nothing is exported and
+  the job runs as one process; an unreachable metadata server stops it.
   """
   fetch = f"curl -sf -H Metadata-Flavor:Google {METADATA_URL}"
+
+  def fail(what: str) -> str:
+    return f"{{ echo \"$(hostname): {what}\" >&2; exit 1; }}"
+
   return [
-      f"worker=$({fetch}/agent-worker-number)",
-      f"endpoints=$({fetch}/worker-network-endpoints)",
-      "first=${endpoints%%,*}",
-      f"export MOE_NUM_PROCESSES={hosts} MOE_PROCESS_ID=$worker "
-      f"MOE_COORDINATOR_ADDRESS=${{first##*:}}:{COORDINATOR_PORT}",
+      f"endpoints=$({fetch}/worker-network-endpoints) || [ $? -eq 22 ] || "
+      + fail("cannot read worker-network-endpoints from the TPU metadata"),
+      "hosts=$(echo \"$endpoints\" | tr , \"\\n\" | grep -c .) || true",
+      f"if [ \"$hosts\" -gt 1 ]; then "
+      f"worker=$({fetch}/agent-worker-number) || "
+      + fail("no agent-worker-number in the TPU metadata") + "; "
+      "first=${endpoints%%,*}; "
+      "export MOE_NUM_PROCESSES=$hosts MOE_PROCESS_ID=$worker "
+      f"MOE_COORDINATOR_ADDRESS=${{first##*:}}:{COORDINATOR_PORT}; fi",
   ]
 
 
@@ -419,8 +506,7 @@ def run_script(s: argparse.Namespace) -> str:
   ]
   if s.tfds_data_dir:
     steps.append(f"export TFDS_DATA_DIR={shlex.quote(s.tfds_data_dir)}")
-  if s.accelerator.hosts > 1:
-    steps.extend(_multihost_steps(s.accelerator.hosts))
+  steps.extend(_multihost_steps())
   steps.extend([
       f"echo \"== $(date -u +%FT%TZ) start on $(hostname)\" >> {LOG_FILE}",
       f"nohup bash -c {shlex.quote(_train_command(s))} >> {LOG_FILE} 2>&1 "
@@ -600,7 +686,7 @@ def _logs(s: argparse.Namespace, runner: Runner, environ) -> int:
 
 def _ssh(s: argparse.Namespace, runner: Runner, environ) -> int:
   del environ
-  return runner.run_all([ssh_command(s, s.worker)])
+  return runner.run_all([ssh_command(s, s.worker, s.command)])
 
 
 def _delete(s: argparse.Namespace, runner: Runner, environ) -> int:
@@ -631,6 +717,10 @@ def _common_flags() -> argparse.ArgumentParser:
   parser.add_argument("--queued", action="store_true", default=None,
                       help=_help("queued", "a queued resource of the same "
                                  "name holds the slice (create, delete)"))
+  parser.add_argument("--internal-ips", action="store_true", default=None,
+                      help=_help("internal_ips", "no external IPs: create "
+                                 "the slice with --internal-ips, ssh and scp "
+                                 "with --internal-ip (from inside its VPC)"))
   parser.add_argument("--dry-run", action="store_true",
                       help="print the commands instead of running them")
   return parser
@@ -647,7 +737,8 @@ def _slice_flags() -> argparse.ArgumentParser:
   parser.add_argument("--spot", action="store_true", default=None,
                       help=_help("spot", "Spot VMs (preemptible, cheaper)"))
   parser.add_argument("--preemptible", action="store_true",
-                      help="legacy preemptible TPU VMs (v2-v4)")
+                      help="legacy preemptible TPU VMs (v2-v4 only; later "
+                      "generations take --spot)")
   return parser
 
 
@@ -661,6 +752,9 @@ def _source_flags() -> argparse.ArgumentParser:
   parser.add_argument("--python", default="python3.11",
                       help="Python (>= 3.11) on the workers; installed with "
                       "apt if missing (default: %(default)s)")
+  parser.add_argument("--jax-version", help=_help(
+      "jax_version", "pin jax[tpu] to this version on the workers; default: "
+      "the jax installed in this Python"))
   return parser
 
 
@@ -699,8 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="worker number or 'all' (default: 0)")
   logs.add_argument("--lines", type=int, default=100)
   logs.add_argument("--follow", action="store_true")
-  ssh = sub.add_parser("ssh", parents=[common], help="shell on one worker")
-  ssh.add_argument("--worker", type=_worker, default="0")
+  ssh = sub.add_parser("ssh", parents=[common],
+                       help="shell on one worker, or a command on workers")
+  ssh.add_argument("--worker", type=_worker, default="0",
+                   help="worker number or 'all' (needs --command; default: 0)")
+  ssh.add_argument("--command", help="run this on the worker(s) instead of "
+                   "opening a shell")
   delete = sub.add_parser("delete", parents=[common],
                           help="delete the slice (asks unless --yes)")
   delete.add_argument("--yes", action="store_true",

@@ -1,9 +1,12 @@
 """Tests of launch/tpu.py: the gcloud command lines it prints with --dry-run."""
+import importlib.metadata
 import importlib.util
+import os
 import pathlib
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,13 +22,13 @@ VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 METADATA = ("curl -sf -H Metadata-Flavor:Google http://metadata.google."
             "internal/computeMetadata/v1/instance/attributes")
+JAX_VERSION = importlib.metadata.version("jax")  # What setup pins.
 INSTALL = (
     "(python3.11 -m venv ~/moe-venv || (sudo apt-get -o DPkg::Lock::"
     "Timeout=600 update -q && sudo apt-get -o DPkg::Lock::Timeout=600 "
     "install -y -q python3.11 python3.11-venv && python3.11 -m venv "
     "~/moe-venv)); ~/moe-venv/bin/pip install -q --upgrade pip; "
-    "~/moe-venv/bin/pip install -q -e ~/moe 'jax[tpu]' -f "
-    "https://storage.googleapis.com/jax-releases/libtpu_releases.html; "
+    f"~/moe-venv/bin/pip install -q -e ~/moe 'jax[tpu]=={JAX_VERSION}'; "
     "~/moe-venv/bin/python -c 'import jax, moe.main; "
     "print(\"moe installed, jax\", jax.__version__)'")
 SETUP_FROM_TARBALL = (
@@ -37,11 +40,17 @@ RUN_PREFIX = (
     "\"$(hostname): a job is already running (pid $(cat ~/moe-logs/"
     "train.pid)), see ~/moe-logs/train.log\" >&2; exit 1; fi; "
     "rm -f ~/moe-logs/train.exit; ")
-RUN_MULTIHOST = (
-    f"worker=$({METADATA}/agent-worker-number); "
-    f"endpoints=$({METADATA}/worker-network-endpoints); "
-    "first=${endpoints%%,*}; export MOE_NUM_PROCESSES=4 "
-    "MOE_PROCESS_ID=$worker MOE_COORDINATOR_ADDRESS=${first##*:}:8482; ")
+RUN_MULTIHOST = (  # The same on every slice: the count is the worker's.
+    f"endpoints=$({METADATA}/worker-network-endpoints) || [ $? -eq 22 ] || "
+    "{ echo \"$(hostname): cannot read worker-network-endpoints from the "
+    "TPU metadata\" >&2; exit 1; }; "
+    "hosts=$(echo \"$endpoints\" | tr , \"\\n\" | grep -c .) || true; "
+    "if [ \"$hosts\" -gt 1 ]; then "
+    f"worker=$({METADATA}/agent-worker-number) || "
+    "{ echo \"$(hostname): no agent-worker-number in the TPU metadata\" "
+    ">&2; exit 1; }; first=${endpoints%%,*}; "
+    "export MOE_NUM_PROCESSES=$hosts MOE_PROCESS_ID=$worker "
+    "MOE_COORDINATOR_ADDRESS=${first##*:}:8476; fi; ")
 RUN_SUFFIX = (
     "echo \"== $(date -u +%FT%TZ) start on $(hostname)\" >> "
     "~/moe-logs/train.log; nohup bash -c '~/moe-venv/bin/python -m moe.main "
@@ -87,10 +96,66 @@ def line(*argv):
   return shlex.join(argv)
 
 
-def run_script(extra="", multihost=True):
+def run_script(extra=""):
   return (RUN_PREFIX + "export TFDS_DATA_DIR=gs://my-bucket/tfds; "
-          + (RUN_MULTIHOST if multihost else "")
-          + RUN_SUFFIX.format(extra=extra))
+          + RUN_MULTIHOST + RUN_SUFFIX.format(extra=extra))
+
+
+FAKE_CURL = """#!/bin/sh
+# The TPU metadata server: answers from $ENDPOINTS and $WORKER, 404 else.
+for arg; do url=$arg; done
+case "$url" in
+  */worker-network-endpoints) [ -n "${ENDPOINTS+set}" ] || exit 22
+                              printf %s "$ENDPOINTS" ;;
+  */agent-worker-number) printf %s "$WORKER" ;;
+  *) exit 22 ;;
+esac
+"""
+FAKE_PYTHON = """#!/bin/sh
+# moe.main: records the MOE_* variables and its arguments.
+env | grep '^MOE_' | sort > "$HOME/moe-env"
+echo "$@" > "$HOME/moe-args"
+"""
+
+
+def _executable(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+def run_on_fake_worker(command, tmp_path, endpoints=None, worker="0"):
+  """Runs the --command of `command` in bash, as one worker would.
+
+  Args:
+    command: the printed `gcloud ... ssh --command=SCRIPT` line.
+    tmp_path: the worker's home directory.
+    endpoints: what the metadata server answers for
+      worker-network-endpoints (None: it has no such attribute).
+    worker: its agent-worker-number.
+
+  Returns:
+    The MOE_* variables moe.main saw, as a dict.
+  """
+  script = shlex.split(command)[-1].removeprefix("--command=")
+  _executable(tmp_path / "bin" / "curl", FAKE_CURL)
+  _executable(tmp_path / "moe-venv" / "bin" / "python", FAKE_PYTHON)
+  (tmp_path / "moe").mkdir()
+  env = {"HOME": str(tmp_path), "WORKER": worker,
+         "PATH": f"{tmp_path / 'bin'}{os.pathsep}/usr/bin:/bin"}
+  if endpoints is not None:
+    env["ENDPOINTS"] = endpoints
+  result = subprocess.run(["bash", "-c", script], env=env, check=False,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  exit_file = tmp_path / "moe-logs" / "train.exit"
+  for _ in range(200):  # moe.main runs in the background (nohup).
+    if exit_file.exists() and exit_file.read_text().strip():
+      break
+    time.sleep(0.05)
+  assert exit_file.read_text().strip() == "0"
+  lines = (tmp_path / "moe-env").read_text().split()
+  return dict(entry.split("=", 1) for entry in lines)
 
 
 def test_create_v4_32_spot(tpu, capsys):
@@ -180,11 +245,52 @@ def test_run_on_all_workers_of_a_v4_32(tpu, capsys):
                         f"--command={run_script(extra)}")]
 
 
-def test_run_on_one_host_is_single_process(tpu, capsys):
+def test_run_on_one_host_is_single_process(tpu, capsys, monkeypatch,
+                                           tmp_path):
   _, lines, _ = dry_run(tpu, capsys, "run", *V4_32, "--accelerator-type",
                         "v4-8", *JOB)
   assert lines == [line(*VM, "ssh", "moe-v4-32", *LOCATION, "--worker=all",
-                        f"--command={run_script(multihost=False)}")]
+                        f"--command={run_script()}")]
+  monkeypatch.undo()  # Runs the worker's script for real.
+  assert run_on_fake_worker(lines[0], tmp_path / "one",
+                            "unknown:unknown:10.130.0.2") == {}
+  assert run_on_fake_worker(lines[0], tmp_path / "none", None) == {}
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_run_counts_the_hosts_from_the_slice_metadata(
+    tpu, capsys, monkeypatch, tmp_path, hosts):
+  _, lines, _ = dry_run(tpu, capsys, "run", *V4_32, "--accelerator-type",
+                        "v5litepod-16", *JOB)
+  assert len(lines) == 1
+  assert "/worker-network-endpoints" in lines[0]
+  assert "MOE_NUM_PROCESSES=$hosts " in lines[0]
+  assert not any(f"MOE_NUM_PROCESSES={n}" in lines[0] for n in range(10))
+  monkeypatch.undo()  # Runs the worker's script for real.
+  endpoints = ",".join(f"unknown:unknown:10.130.0.{i + 5}"
+                       for i in range(hosts))
+  assert run_on_fake_worker(lines[0], tmp_path, endpoints, worker="1") == {
+      "MOE_NUM_PROCESSES": str(hosts), "MOE_PROCESS_ID": "1",
+      "MOE_COORDINATOR_ADDRESS": "10.130.0.5:8476"}
+  assert (tmp_path / "moe-args").read_text().startswith(
+      "-m moe.main --config configs/digits_vmoe.py:runlocal")
+
+
+def test_run_stops_if_the_metadata_server_is_unreachable(tpu, capsys,
+                                                         monkeypatch,
+                                                         tmp_path):
+  _, lines, _ = dry_run(tpu, capsys, "run", *V4_32, "--accelerator-type",
+                        "v4-32", *JOB)
+  script = shlex.split(lines[0])[-1].removeprefix("--command=")
+  monkeypatch.undo()  # Runs the worker's script for real.
+  _executable(tmp_path / "bin" / "curl", "#!/bin/sh\nexit 7\n")
+  (tmp_path / "moe").mkdir()
+  result = subprocess.run(
+      ["bash", "-c", script], capture_output=True, text=True, check=False,
+      env={"HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"})
+  assert result.returncode == 1
+  assert "cannot read worker-network-endpoints" in result.stderr
+  assert not (tmp_path / "moe-logs" / "train.pid").exists()
 
 
 def test_run_with_restart_prints_the_recovery_plan(tpu, capsys):
@@ -209,6 +315,81 @@ def test_run_with_restart_prints_the_recovery_plan(tpu, capsys):
            "--exclude=.pytest_cache", "-C", REPO, "."),
   ]
   assert len(lines) == 9 and "--worker=all" in lines[7]
+
+
+def test_setup_pins_jax_to_the_local_version(tpu, capsys):
+  _, lines, _ = dry_run(tpu, capsys, "setup", *V4_32)
+  assert f"'jax[tpu]=={JAX_VERSION}'" in lines[-1]
+  assert " -f " not in lines[-1] and "libtpu_releases" not in lines[-1]
+  _, lines, _ = dry_run(tpu, capsys, "setup", *V4_32, "--jax-version",
+                        "0.4.35")
+  assert lines[-1] == line(
+      *VM, "ssh", "moe-v4-32", *LOCATION, "--worker=all",
+      f"--command={SETUP_FROM_TARBALL.replace(JAX_VERSION, '0.4.35')}")
+
+
+def test_setup_needs_a_jax_version_without_local_jax(tpu, capsys,
+                                                     monkeypatch):
+  monkeypatch.setattr(tpu, "local_jax_version", lambda: None)
+  status, lines, err = dry_run(tpu, capsys, "setup", *V4_32)
+  assert (status, lines) == (2, [])
+  assert err == ("tpu.py setup: error: jax is not installed in this Python, "
+                 "so setup has no version to pin jax[tpu] to on the workers: "
+                 "pip install -e . here, or pass --jax-version or set "
+                 "MOE_JAX_VERSION (e.g. --jax-version 0.4.35)\n")
+  _, lines, _ = dry_run(tpu, capsys, "setup", *V4_32,
+                        environ={"MOE_JAX_VERSION": "0.4.38"})
+  assert "'jax[tpu]==0.4.38'" in lines[-1]
+  status, _, _ = dry_run(tpu, capsys, "run", *V4_32, "--accelerator-type",
+                         "v4-32", *JOB)
+  assert status == 0  # Only setup (or a restart) needs the version.
+
+
+def test_preemptible_is_for_v2_to_v4(tpu, capsys):
+  for accelerator in ("v2-8", "v3-32", "v4-8"):
+    status, lines, _ = dry_run(tpu, capsys, "create", *V4_32,
+                               "--accelerator-type", accelerator,
+                               "--preemptible")
+    assert status == 0 and lines[0].endswith(" --preemptible")
+  _, lines, _ = dry_run(tpu, capsys, "create", *V4_32, "--accelerator-type",
+                        "v5litepod-16", "--spot")
+  assert lines[0].endswith(" --spot")
+
+
+def test_ssh_runs_a_command_on_all_workers(tpu, capsys):
+  status, lines, _ = dry_run(tpu, capsys, "ssh", *V4_32, "--worker", "all",
+                             "--command", "pgrep -a python")
+  assert status == 0
+  assert lines == [line(*VM, "ssh", "moe-v4-32", *LOCATION, "--worker=all",
+                        "--command=pgrep -a python")]
+
+
+def test_internal_ips(tpu, capsys):
+  flag = ["--internal-ips"]
+  assert dry_run(tpu, capsys, "create", *V4_32, "--accelerator-type",
+                 "v4-32", "--spot", *flag)[1] == [line(
+                     *VM, "create", "moe-v4-32", *LOCATION,
+                     "--accelerator-type=v4-32",
+                     "--version=tpu-ubuntu2204-base", "--spot",
+                     "--internal-ips")]
+  assert dry_run(tpu, capsys, "create", *V4_32, "--queued",
+                 "--accelerator-type", "v4-32", *flag)[1][0].endswith(
+                     "--runtime-version=tpu-ubuntu2204-base --internal-ips")
+  _, setup, _ = dry_run(tpu, capsys, "setup", *V4_32, *flag)
+  assert setup[1] == line(*VM, "scp", "/scratch/moe-checkout.tar.gz",
+                          "moe-v4-32:moe.tar.gz", *LOCATION, "--worker=all",
+                          "--internal-ip")
+  assert setup[2] == line(*VM, "ssh", "moe-v4-32", *LOCATION, "--worker=all",
+                          "--internal-ip", f"--command={SETUP_FROM_TARBALL}")
+  for argv in (["ssh"], ["logs"], ["run", "--accelerator-type", "v4-32",
+                                   *JOB]):
+    lines = dry_run(tpu, capsys, *argv, *V4_32, *flag)[1]
+    assert lines[0].startswith(line(*VM, "ssh", "moe-v4-32", *LOCATION)
+                               + " --worker=") and "--internal-ip" in lines[0]
+  delete = dry_run(tpu, capsys, "delete", *V4_32, *flag)[1]
+  assert delete == [line(*VM, "delete", "moe-v4-32", *LOCATION)]
+  environ = {"MOE_TPU_INTERNAL_IPS": "1", "TMPDIR": "/scratch"}
+  assert dry_run(tpu, capsys, "setup", *V4_32, environ=environ)[1] == setup
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -273,7 +454,7 @@ def test_flags_win_over_environment_variables(tpu, capsys):
      "missing name: pass --name or set MOE_TPU_NAME"),
     (["run", *V4_32, "--accelerator-type", "v4-32", *JOB[:2], "--workdir",
       "/tmp/run"], {}, "workdir '/tmp/run' must be a gs:// path on the "
-     "multi-host slice v4-32 (4 hosts"),
+     "multi-host slice v4-32 (all its hosts"),
     (["run", *V4_32, "--accelerator-type", "v4-32", *JOB[:2]], {},
      "missing workdir: pass --workdir or set MOE_WORKDIR"),
     (["run", *V4_32, "--accelerator-type", "v4-8", *JOB[2:]], {},
@@ -290,6 +471,17 @@ def test_flags_win_over_environment_variables(tpu, capsys):
      "valid"),
     (["delete", *V4_32, "--", "--config.total_steps=1"], {},
      "only run passes flags after '--' to moe.main"),
+    (["create", *V4_32, "--accelerator-type", "v5litepod-16",
+      "--preemptible"], {}, "--preemptible exists only for v2, v3, v4; "
+     "v5litepod-16 takes --spot (Spot VMs) instead"),
+    (["create", *V4_32, "--accelerator-type", "v5p-8", "--preemptible"], {},
+     "v5p-8 takes --spot"),
+    (["run", *V4_32, "--accelerator-type", "v6e-8", "--preemptible", *JOB],
+     {}, "v6e-8 takes --spot"),
+    (["ssh", *V4_32, "--worker", "all"], {},
+     "--worker all needs --command CMD"),
+    (["setup", *V4_32, "--jax-version", "latest"], {},
+     "jax version 'latest' is not valid"),
 ])
 def test_bad_input_exits_2_with_one_line(tpu, capsys, argv, environ, message):
   status, lines, err = dry_run(tpu, capsys, *argv, environ=environ)
