@@ -266,6 +266,21 @@ def test_restore_checkpoint_from_workdir_checkpoint_dir_or_step_dir(tmp_path,
   _assert_bitwise_equal(restored.state, first)
 
 
+def test_relative_paths_save_and_restore_from_the_current_directory(
+    tmp_path, mesh, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state, shardings = _sharded_state(mesh)
+  with checkpoints.Checkpointer.from_config("run", dict(every_steps=1)) as c:
+    assert c.directory == tmp_path / "run" / "checkpoints"
+    assert c.save(3, state, {"position": 7})
+  target = partitioning.abstract_arrays(state, shardings)
+  for path in ("run", "run/checkpoints/3"):
+    restored = checkpoints.restore_checkpoint(path, target)
+    assert restored.step == 3 and restored.data_state == {"position": 7}
+    _assert_bitwise_equal(restored.state, state)
+  assert str(checkpoints.manager.absolute_path("gs://bucket/run")) == "gs://bucket/run"
+
+
 def test_missing_or_empty_checkpoint_path_is_a_clear_error(tmp_path, mesh):
   state, _ = _sharded_state(mesh)
   with pytest.raises(checkpoints.CheckpointError,

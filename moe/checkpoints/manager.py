@@ -117,6 +117,14 @@ class CheckpointError(ValueError):
   """A checkpoint path that is missing, empty or unreadable."""
 
 
+def absolute_path(path: os.PathLike | str) -> epath.Path:
+  """`path`, a local one made absolute against the current directory
+  (orbax refuses relative paths); URLs such as `gs://...` unchanged."""
+  if "://" in str(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.fspath(path)))
+
+
 class Checkpointer:
   """Saves and restores train states in one checkpoint directory.
 
@@ -129,7 +137,7 @@ class Checkpointer:
                config: CheckpointConfig = CheckpointConfig(),
                read_only: bool = False):
     """Opens (or creates, unless `read_only`) the checkpoint directory."""
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     self.config = config
     self._manager = ocp.CheckpointManager(
         self.directory,
