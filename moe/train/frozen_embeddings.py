@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import numpy as np
 
 from moe import checkpoints
 from moe import data as data_lib
+from moe.config import param_names
 from moe.nn import vit
 
 PyTree = Any
@@ -29,8 +29,8 @@ EMBEDDING, LABEL = "embedding", "label"
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  return {"/".join(path): tuple(np.shape(leaf)) for path, leaf in
-          traverse_util.flatten_dict(dict(tree)).items()}
+  return {name: tuple(np.shape(leaf))
+          for name, leaf in param_names.named_leaves(tree)}
 
 
 def check_backbone(params: PyTree, expected: PyTree, field: str) -> None:
