@@ -35,12 +35,13 @@ def _num_params(model, image_size, channels=3):
 
 FINE_TUNING = ("digits_ft_vmoe.py", "cifar100_ft_vit_b16.py")
 PQK = ("mnist5k_pqk_mlp.py", "digits_pqk_vit.py")
+SEQUENCE = ("addition.py", "addition_sparse.py")
 
 
 def test_every_config_is_tested():
   assert set(CONFIGS) == set(FULL_SCALE) | {
       "digits_vit.py", "digits_vmoe.py", "mnist5k_vit.py", "mnist5k_vmoe.py",
-      *FINE_TUNING, *PQK, "mnist5k_smec.py"}
+      *FINE_TUNING, *PQK, "mnist5k_smec.py", *SEQUENCE}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -51,7 +52,8 @@ def test_configs_load_by_path_and_build(name, arg):
   assert set(config) == set(experiment.CONFIG_FIELDS)
   experiment.ExperimentConfig.from_config(config)
   model = models.build_model(config.model)
-  assert model.num_classes == config.model.num_classes
+  outputs = "vocab_size" if name in SEQUENCE else "num_classes"
+  assert getattr(model, outputs) == config.model[outputs]
 
 
 @pytest.mark.parametrize("name", sorted(FULL_SCALE))
@@ -226,3 +228,43 @@ def test_pqk_configs_fit_their_phases_and_presets(name):
   prune, warmup, mutual = task.schedule.boundaries
   assert 0 < prune < warmup < mutual < config.total_steps
   assert config.optimizer.schedule.name == "constant"
+
+
+def test_addition_config_documents_its_run_and_trains_the_decoder():
+  docstring = open(os.path.join(train_testing.CONFIGS, "addition.py")).read()
+  assert "python -m moe.main --config configs/addition.py" in docstring
+  assert "final: step=" in docstring and "eval_exact_match=" in docstring
+  config = train_testing.load_config("addition.py")
+  task = tasks.create_task(config)
+  assert (config.task.name, config.dataset.name) == ("addition", "addition")
+  assert (task.model.hidden_size, dict(task.model.encoder)) == (
+      128, {"num_layers": 4, "mlp_dim": 512, "num_heads": 4,
+            "dropout_rate": 0.0, "attention_dropout_rate": 0.0,
+            "stochastic_depth": 0.0, "moe": None})
+  assert task.model.attention["sparsity"] == "dense"
+  switched = train_testing.load_config(
+      "addition.py", "--config.model.attention.sparsity=sparse_topk")
+  assert tasks.create_task(switched).model.attention["sparsity"] == (
+      "sparse_topk")
+
+
+@pytest.mark.parametrize("preset, sparsity, reinit", [
+    ("", "gated", (".*/gate_(scale|bias)", "geco/.*")),
+    (":sparsity=sparse_topk,k=2", "sparse_topk", ("geco/.*",))])
+def test_addition_sparse_config_post_trains_the_base_run(preset, sparsity,
+                                                         reinit):
+  docstring = open(os.path.join(train_testing.CONFIGS,
+                                "addition_sparse.py")).read()
+  assert "--config configs/addition_sparse.py:sparsity=gated" in docstring
+  config = train_testing.load_config("addition_sparse.py" + preset)
+  base = train_testing.load_config("addition.py")
+  assert config.task.name == "sparse_attention"
+  assert config.model.attention.sparsity == sparsity
+  assert config.model.attention.keys_per_query == (2 if "k=2" in preset
+                                                   else 4)
+  assert config.init_from.checkpoint == "/tmp/addition_run"
+  assert tuple(config.init_from.reinit) == reinit
+  assert bool(config.optimizer.lr_mults) == (sparsity == "gated")
+  assert config.model.encoder == base.model.encoder
+  assert (config.task.split_seed, config.task.test_fraction) == (
+      base.task.split_seed, base.task.test_fraction)

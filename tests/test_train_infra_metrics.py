@@ -48,6 +48,11 @@ def test_writes_scalars_and_progress_to_tensorboard(tmp_path, eight_devices):
   assert [float(v) for _, v in summaries["lr"]] == [0.5] * 10
   assert [s for s, _ in summaries["steps_per_sec"]] == [5, 10]
   assert all(v > 0 for _, v in summaries["steps_per_sec"])
+  scalars = metrics_writing.read_scalars(tmp_path)
+  assert scalars["lr"] == [(step, 0.5) for step in range(1, 11)]
+  assert scalars["train_loss"] == [
+      (step, pytest.approx(1.0 / step)) for step in range(1, 11)]
+  assert "_hparams_/session_start_info" not in scalars
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):

@@ -107,7 +107,8 @@ def test_create_task_builds_the_eval_model_with_overrides():
 
 @pytest.mark.parametrize("field, value, message", [
     ("name", "regression", r"config.task.name must be one of "
-     r"'classification', 'pqk', 'smec'; got 'regression'"),
+     r"'classification', 'pqk', 'smec', 'addition', 'sparse_attention'; "
+     r"got 'regression'"),
     ("label_smoothing", 1.0,
      r"config.task.label_smoothing must be in \[0, 1\)"),
 ])

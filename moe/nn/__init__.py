@@ -1,14 +1,18 @@
 """Mixture-of-experts layers, routers and models (ViT / V-MoE).
 
-Modules: `blocks` (MLP, position embedding), `transformer` (encoder blocks
+Modules: `blocks` (MLP, position embedding), `attention` (self-attention
+with selectable edge sparsity), `transformer` (encoder blocks
 with dense or MoE MLPs), `dispatch` (routing tables; einsum, index, soft and
 dropless ragged dispatchers), `router_losses` (auxiliary losses and their
 weighted sum), `routers`, `moe_layer` (experts and the MoE MLP
 block), `placement` (sharding constraints on the context mesh), `vit`,
-`models` (build a model from `config.model`).
+`decoder` (causal decoder-only LM on tokens), `models` (build a model from
+`config.model`).
 """
+from moe.nn.attention import SelfAttention
 from moe.nn.blocks import MlpBlock
 from moe.nn.blocks import PositionEmbedding
+from moe.nn.decoder import Decoder
 from moe.nn.dispatch import EinsumDispatcher
 from moe.nn.dispatch import IndexDispatcher
 from moe.nn.dispatch import RaggedDispatcher
@@ -37,6 +41,7 @@ __all__ = [
     "compute_capacity",
     "create_model",
     "create_router",
+    "Decoder",
     "EinsumDispatcher",
     "Encoder",
     "EncoderBlock",
@@ -51,6 +56,7 @@ __all__ = [
     "RaggedDispatcher",
     "ROUTERS",
     "Routing",
+    "SelfAttention",
     "SoftDispatcher",
     "SoftMoE",
     "SparseTopItemsPerExpert",

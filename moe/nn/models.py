@@ -6,12 +6,14 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from moe.config import schema
+from moe.nn import decoder
 from moe.nn import mlp
 from moe.nn import vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit": vit.create_model,
     "mlp": mlp.create_model,
+    "decoder": decoder.create_model,
 }
 
 
@@ -21,7 +23,8 @@ def build_model(config: Any) -> nn.Module:
   Args:
     config: `config.model`; `name` is a key of `MODELS` ("vit" covers ViT
       and V-MoE), the other fields are those of that model's constructor
-      (for "vit" see `moe.nn.vit`, for "mlp" `moe.nn.mlp`).
+      (for "vit" see `moe.nn.vit`, for "mlp" `moe.nn.mlp`, for "decoder",
+      the causal token model, `moe.nn.decoder`).
 
   Returns:
     An unbound flax module whose `apply(variables, inputs, train=...)` returns

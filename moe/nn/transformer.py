@@ -11,6 +11,9 @@ vision_transformer, big_vision):
                                                 [D, heads, D / heads]
   encoderblock_N/MultiHeadDotProductAttention_1/out/kernel
                                                 [heads, D / heads, D]
+                                                (also with `attention` set:
+                                                `attention.SelfAttention`,
+                                                plus its gate parameters)
   encoderblock_N/LayerNorm_2/{scale,bias}       [D]
   encoderblock_N/MlpBlock_3/Dense_{0,1}/...     dense MLP (`blocks.MlpBlock`)
   encoderblock_N/MoeBlock_3/...                 MoE MLP (`moe_layer`)
@@ -26,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe.nn import attention as attention_lib
 from moe.nn import blocks
 from moe.nn import moe_layer
 
@@ -84,6 +88,9 @@ class EncoderBlock(nn.Module):
       example at train time (drop path); 0 disables it.
     moe: None for a dense MLP, else the attributes of
       `moe_layer.MoeMlpBlock` other than `mlp_dim` and `dropout_rate`.
+    attention: None for flax's dense attention, else the attributes of
+      `attention.SelfAttention` other than `num_heads` and `dropout_rate`
+      (e.g. `sparsity`, `causal`, `keys_per_query`); same parameters.
   """
   mlp_dim: int
   num_heads: int
@@ -91,6 +98,7 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   moe: Optional[Mapping[str, Any]] = None
+  attention: Optional[Mapping[str, Any]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False,
@@ -103,7 +111,9 @@ class EncoderBlock(nn.Module):
       step: the train step (router schedules); None: their end.
 
     Returns:
-      `[B, L, D]` tokens and the MoE layer's metrics (empty for a dense MLP).
+      `[B, L, D]` tokens and metrics: the MoE layer's (none for a dense
+      MLP) and, with `attention` set, the attention's under
+      `attention/<name>`.
     """
     if x.shape[-1] % self.num_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must divide the width "
@@ -112,14 +122,7 @@ class EncoderBlock(nn.Module):
     drop_path = nn.Dropout(self.stochastic_depth,
                            broadcast_dims=tuple(range(1, x.ndim)))
 
-    y = nn.LayerNorm(name="LayerNorm_0")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        dropout_rate=self.attention_dropout_rate,
-        broadcast_dropout=False,
-        kernel_init=nn.initializers.xavier_uniform(),
-        name="MultiHeadDotProductAttention_1")(
-            y, y, deterministic=deterministic)
+    y, metrics = self._attention(nn.LayerNorm(name="LayerNorm_0")(x), train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
 
@@ -127,12 +130,27 @@ class EncoderBlock(nn.Module):
     if self.moe is None:
       y = blocks.MlpBlock(self.mlp_dim, self.dropout_rate, name="MlpBlock_3")(
           y, train)
-      metrics = {}
     else:
-      y, metrics = moe_layer.MoeMlpBlock(
+      y, moe_metrics = moe_layer.MoeMlpBlock(
           mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
           name="MoeBlock_3", **self.moe)(y, train=train, step=step)
+      metrics.update(moe_metrics)
     return x + drop_path(y, deterministic=deterministic), metrics
+
+  def _attention(self, y: Array, train: bool) -> tuple[Array, Metrics]:
+    """Self-attention of `[B, L, D]` y and its metrics `attention/<name>`."""
+    name = "MultiHeadDotProductAttention_1"
+    if self.attention is None:
+      return nn.MultiHeadDotProductAttention(
+          num_heads=self.num_heads,
+          dropout_rate=self.attention_dropout_rate,
+          broadcast_dropout=False,
+          kernel_init=nn.initializers.xavier_uniform(),
+          name=name)(y, y, deterministic=not train), {}
+    y, metrics = attention_lib.SelfAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        name=name, **self.attention)(y, train=train)
+    return y, {f"attention/{key}": value for key, value in metrics.items()}
 
 
 class Encoder(nn.Module):
@@ -150,6 +168,9 @@ class Encoder(nn.Module):
     attention_dropout_rate: dropout on the attention weights.
     stochastic_depth: drop-path rate of the last block; block i uses
       `stochastic_depth * i / (num_layers - 1)` (0 for the first block).
+    attention: None for dense attention, else the attributes of
+      `attention.SelfAttention` other than `num_heads` and `dropout_rate`
+      (`sparsity`, `causal`, `keys_per_query`, ...), for every block.
   """
   num_layers: int
   mlp_dim: int
@@ -158,6 +179,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
+  attention: Optional[Mapping[str, Any]] = None
 
   def __post_init__(self):
     if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -184,8 +206,9 @@ class Encoder(nn.Module):
 
     Returns:
       `[B, L, D]` encoded tokens and metrics: `auxiliary_loss`, the sum of
-      the MoE layers' auxiliary losses (0 for a dense encoder), and every MoE
-      layer's metrics under `encoderblock_N/<metric>`.
+      the MoE layers' auxiliary losses (0 for a dense encoder), and every
+      block's metrics (MoE layer, `attention/...`) under
+      `encoderblock_N/<metric>`.
     """
     x = blocks.PositionEmbedding(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -204,6 +227,7 @@ class Encoder(nn.Module):
           stochastic_depth=(self.stochastic_depth * i /
                             max(self.num_layers - 1, 1)),
           moe=moe_kwargs if i in moe_layers else None,
+          attention=self.attention,
           name=f"encoderblock_{i}")(x, train=train, step=step)
       for key, value in block_metrics.items():
         metrics[f"encoderblock_{i}/{key}"] = value

@@ -46,6 +46,12 @@ Config (`config.model`, a dict or `ml_collections.ConfigDict`):
         "SparseTopK") and that router's attributes (capacity_factor,
         eval_capacity_factor, min_capacity, noise_std, ...), see
         `moe.nn.routers`.
+    attention: None (dense attention, flax's module), or the attributes of
+      `moe.nn.attention.SelfAttention` other than num_heads and
+      dropout_rate: sparsity ("dense", "gated", "sparse_topk",
+      "hard_topk"), causal, keys_per_query, regularization, p,
+      gate_estimator, gate_temperature, gate_bias_init, dtype. Same
+      parameter names; its metrics are `encoderblock_N/attention/<name>`.
 
 The model is called as `model.apply(variables, images, train=...)` with
 images `[B, h, w, channels]` and returns `(logits [B, num_classes],
@@ -66,6 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.config import schema
+from moe.nn import attention
 from moe.nn import blocks
 from moe.nn import moe_layer
 from moe.nn import transformer
@@ -247,4 +254,8 @@ def create_model(config: Any = None, **overrides) -> VisionTransformer:
     schema.check_unknown_fields(
         encoder["moe"], ("layers",) + moe_layer.MOE_CONFIG_FIELDS,
         "config.model.encoder.moe")
+  if encoder.get("attention") is not None:
+    schema.check_unknown_fields(
+        encoder["attention"], attention.ATTENTION_CONFIG_FIELDS,
+        "config.model.encoder.attention")
   return VisionTransformer(**fields)

@@ -8,6 +8,11 @@ Modules:
     "pqk").
   smec_task: SMEC and its Matryoshka baseline, embedding compression by
     learned dimension selection (`config.task.name` "smec").
+  sequence_task: two-digit addition as next-token prediction on the answer
+    tokens, exact-match accuracy (`config.task.name` "addition").
+  sparse_attention_task: sparse attention post-training of the addition
+    decoder, fewest active edges at the base loss by a GECO multiplier
+    (`config.task.name` "sparse_attention").
   frozen_embeddings: a trained backbone's embeddings of a dataset.
   losses: per-example losses by name.
   train_state: the train state, its shardings, initialisation and step.

@@ -158,3 +158,29 @@ def _flatten_hparams(values: Mapping[str, Any], prefix: str = ""
     else:
       flat[name] = str(value)
   return flat
+
+
+def read_scalars(logdir: os.PathLike | str) -> dict[str, list[tuple[int, float]]]:
+  """The scalars a `Reporter` wrote to the event files in `logdir`.
+
+  Args:
+    logdir: a run's workdir.
+
+  Returns:
+    {tag: [(step, value), ...]} in the order written, e.g.
+    `read_scalars(workdir)["eval_loss"]`; tags of other tensors (hparams)
+    are left out.
+  """
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  accumulator = event_accumulator.EventAccumulator(
+      os.fspath(logdir), size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  scalars = {}
+  for tag in accumulator.Tags()[event_accumulator.TENSORS]:
+    values = [(event.step, tensor_util.make_ndarray(event.tensor_proto))
+              for event in accumulator.Tensors(tag)]
+    if all(value.ndim == 0 and value.dtype.kind in "fiu"
+           for _, value in values):
+      scalars[tag] = [(step, float(value)) for step, value in values]
+  return scalars

@@ -333,10 +333,10 @@ class SmecTask:
         updates[name] = jax.tree.map(jnp.zeros_like, updates[name])
     return updates
 
-  def after_update(self, params: PyTree, batch: Batch,
-                   step: jax.Array) -> PyTree:
+  def after_update(self, params: PyTree, batch: Batch, step: jax.Array,
+                   metrics: Mapping[str, jax.Array]) -> PyTree:
     """Enqueues the batch's embeddings into the S-XBM memory."""
-    del step
+    del step, metrics
     if not self.cross_batch_memory:
       return params
     return dict(params, **{MEMORY: xbm.enqueue(params[MEMORY],

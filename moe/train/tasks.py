@@ -19,11 +19,12 @@ metrics are merged over the eval split and written as `eval_<name>`.
 
 A task may also define three hooks that the train step calls when present
 (`moe.train.train_state.make_train_step`), for state that lives in the
-parameters but is not trained (pruning masks, a queue of embeddings):
+parameters but is not trained (pruning masks, a queue of embeddings, a
+Lagrange multiplier; `metrics` are the step's `train_loss` metrics):
 
   params = task.prepare_params(params, step)      # before the forward pass
   updates = task.mask_updates(updates, params, step)  # after the optimizer
-  params = task.after_update(params, batch, step)     # after the update
+  params = task.after_update(params, batch, step, metrics)  # after it
 
 and `summary_metrics`, the eval metrics of the run's final line (default
 `eval_accuracy`, `eval_top5`, `eval_loss`).
@@ -47,7 +48,9 @@ from moe import data as data_lib
 from moe.config import schema
 from moe.train import losses
 from moe.train import pqk_task
+from moe.train import sequence_task
 from moe.train import smec_task
+from moe.train import sparse_attention_task
 from moe.train import task_parts
 
 Batch = Mapping[str, jax.Array]
@@ -220,7 +223,10 @@ class ClassificationTask:
 # `BUILT_FIELDS` (its other attributes).
 TASKS: dict[str, type] = {"classification": ClassificationTask,
                           "pqk": pqk_task.PqkTask,
-                          "smec": smec_task.SmecTask}
+                          "smec": smec_task.SmecTask,
+                          "addition": sequence_task.SequenceTask,
+                          "sparse_attention":
+                              sparse_attention_task.SparseAttentionTask}
 
 
 def default_task_config(name: str) -> ml_collections.ConfigDict:

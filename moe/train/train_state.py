@@ -197,8 +197,9 @@ def make_train_step(
   masks at a round's first step) and `mask_updates(updates, params, step)`
   on the optimizer's updates (e.g. zero for frozen weights: exactly
   unchanged, whatever the optimizer's momentum or weight decay), and
-  `after_update(params, batch, step)` on the updated parameters (e.g. a
-  queue of the batch's embeddings). It returns the new state and the task's
+  `after_update(params, batch, step, metrics)` on the updated parameters,
+  with the step's train metrics (e.g. a queue of the batch's embeddings, a
+  Lagrange multiplier moved by the step's constraint). It returns the new state and the task's
   scalar metrics plus `learning_rate` (before `lr_mults`), `grad_norm`
   (global norm of the gradient) and `state_finite` (whether every float of
   the new parameters and optimizer state is finite), replicated.
@@ -229,7 +230,7 @@ def make_train_step(
       updates = mask_updates(updates, params, state.step)
     params = optax.apply_updates(params, updates)
     if after_update is not None:
-      params = after_update(params, batch, state.step)
+      params = after_update(params, batch, state.step, metrics)
     metrics = dict(metrics,
                    learning_rate=optimizer.learning_rate(state.step),
                    grad_norm=optax.global_norm(grads))
