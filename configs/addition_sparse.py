@@ -7,7 +7,17 @@ Commands (the first trains the base, `configs/addition.py`):
       --workdir /tmp/addition_gated \
       --config.init_from.checkpoint=/tmp/addition_run
 
-Expected: see the measured run below.
+Expected (measured on a 2-core CPU shared with a test run, 2026-12-04,
+jax 0.10.2, from a base run ending at exact match 1.000 and held-out CE
+0.0003): about 11 minutes (1.5 steps/s), ending with
+
+  final: step=1000 eval_exact_match=0.9995 eval_loss=0.002 eval_edge_fraction=0.1183 eval_multiplier=0.0047 wall_s=649
+
+12% of the causal attention edges active (held-out, gates deterministic);
+the multiplier first rises to its bound 1e4 while the stochastic gates
+raise the CE (exact match 0.98 at step 100), then falls once the CE is
+back under its target, and edges close from step 600 on (edge fraction
+0.99 at 600, 0.46 at 700, 0.29 at 800, 0.20 at 900).
 
 The task is `moe.train.sparse_attention_task`
 (`config.task.name="sparse_attention"`): the trained decoder's attention

@@ -3,7 +3,7 @@
 Command (measured on a 2-core CPU; see experiments/README.md):
 
     python experiments/sparse_attention.py [--scale small] [--seeds 3]
-        [--seed N] [--methods gated sparse_topk hard_topk] [--ks 4 2 1]
+        [--seed N] [--methods gated sparse_topk hard_topk] [--ks 2 1]
         [--steps N] [--config-arg ARG] [--out DIR]
 
 For every seed, the base is `configs/addition.py` (the 4-block causal
@@ -57,7 +57,7 @@ METHODS = {"gated": "gated edges + GECO (paper)",
            "hard_topk": "hard top-k (straight-through)"}
 PROMPT = "36+28=00064"
 EXACT_MATCH_DROP = 0.005
-PRESETS = {"small": {"steps": 300}}
+PRESETS = {"small": {"steps": 1000}}
 
 
 def _preset(args, *fields: str) -> str | None:
@@ -280,7 +280,7 @@ def parse_args(argv=None):
   parser.add_argument("--seed", type=int, default=0, help="first seed")
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=tuple(METHODS))
-  parser.add_argument("--ks", nargs="+", type=int, default=[4, 2, 1])
+  parser.add_argument("--ks", nargs="+", type=int, default=[2, 1])
   args = parser.parse_args(argv)
   if args.steps is None:
     args.steps = PRESETS[args.scale]["steps"]

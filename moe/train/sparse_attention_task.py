@@ -204,7 +204,7 @@ class SparseAttentionTask(sequence_task.SequenceTask):
   tolerance: float = 0.1
   absolute_tolerance: float = 0.01
   multiplier_init: float = 1.0
-  multiplier_rate: float = 0.01
+  multiplier_rate: float = 0.05
   constraint_decay: float = 0.9
   multiplier_bounds: tuple[float, float] = (1e-3, 1e4)
 
