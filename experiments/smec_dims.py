@@ -275,12 +275,8 @@ def parse_args(argv=None):
   """Flags; what is not given comes from --scale."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   results_io.add_output_flags(parser, __file__, with_scale=False)
-  parser.add_argument("--scale", choices=tuple(PRESETS), default="small")
-  parser.add_argument("--config-arg", default=None,
-                      help="preset of both configs, e.g. runlocal")
+  training_runs.add_run_flags(parser, PRESETS)
   parser.add_argument("--stage-steps", type=int, default=None)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--seed", type=int, default=0, help="first seed")
   parser.add_argument("--rows", nargs="+", default=list(ROWS),
                       choices=tuple(ROWS))
   parser.add_argument("--backbone", default=None,
@@ -291,10 +287,8 @@ def parse_args(argv=None):
   args.dataset = preset["dataset"]
   if args.stage_steps is None:
     args.stage_steps = preset["stage_steps"]
-  if args.stage_steps < 1:
-    raise ValueError(f"--stage-steps must be >= 1, got {args.stage_steps}")
-  if args.seeds < 1:
-    raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+  training_runs.check_at_least(args.stage_steps, 1, "--stage-steps")
+  training_runs.check_at_least(args.seeds, 1, "--seeds")
   if args.backbone and not pathlib.Path(args.backbone).is_dir():
     raise ValueError(f"--backbone {args.backbone} is not a directory")
   return args

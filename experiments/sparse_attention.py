@@ -270,26 +270,19 @@ def to_markdown(results) -> str:
 
 
 def parse_args(argv=None):
+  """Flags; what is not given comes from --scale."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   results_io.add_output_flags(parser, __file__, with_scale=False)
-  parser.add_argument("--scale", choices=tuple(PRESETS), default="small")
-  parser.add_argument("--config-arg", default=None,
-                      help="preset of both configs, e.g. runlocal")
+  training_runs.add_run_flags(parser, PRESETS)
   parser.add_argument("--steps", type=int, default=None)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--seed", type=int, default=0, help="first seed")
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=tuple(METHODS))
   parser.add_argument("--ks", nargs="+", type=int, default=[2, 1])
   args = parser.parse_args(argv)
   if args.steps is None:
     args.steps = PRESETS[args.scale]["steps"]
-  if args.steps < 1:
-    raise ValueError(f"--steps must be >= 1, got {args.steps}")
-  if args.seeds < 1:
-    raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-  if min(args.ks) < 1:
-    raise ValueError(f"--ks must be >= 1, got {args.ks}")
+  for flag in ("--steps", "--seeds", "--ks"):
+    training_runs.check_at_least(getattr(args, flag[2:]), 1, flag)
   return args
 
 

@@ -12,11 +12,12 @@ with overrides set in Python:
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import tempfile
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -116,3 +117,30 @@ class StepTimer:
     """
     timed = self.intervals[skip:]
     return 1e3 * statistics.median(timed) if timed else float("nan")
+
+
+def add_run_flags(parser: argparse.ArgumentParser,
+                  presets: Mapping[str, Any]) -> None:
+  """Adds the flags every training experiment takes.
+
+  `--scale` (a key of `presets`, default "small"), `--config-arg` (the
+  configs' preset argument, e.g. runlocal), `--seeds` (default 3) and
+  `--seed` (the first seed).
+
+  Args:
+    parser: the script's parser.
+    presets: the script's scales.
+  """
+  parser.add_argument("--scale", choices=tuple(presets), default="small")
+  parser.add_argument("--config-arg", default=None,
+                      help="the configs' preset argument, e.g. runlocal")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=0, help="first seed")
+
+
+def check_at_least(value: int | Sequence[int], minimum: int,
+                   flag: str) -> None:
+  """Raises a ValueError naming `flag` unless every value is >= minimum."""
+  values = [value] if isinstance(value, int) else list(value)
+  if min(values) < minimum:
+    raise ValueError(f"{flag} must be >= {minimum}, got {value}")
