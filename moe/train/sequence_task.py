@@ -207,12 +207,25 @@ class SequenceTask:
   def eval_metrics(self, params: PyTree, batch: Batch,
                    step: Optional[jax.Array] = None
                    ) -> dict[str, clu_metrics.Metric]:
-    tokens = batch[addition.TOKENS]
-    logits, model_metrics = self.eval_model.apply(
-        {"params": params}, tokens[:, :-1], train=False, step=step)
+    logits, model_metrics = self.eval_outputs(params, batch, step)
+    return self.metrics_of_outputs(logits, model_metrics, batch)
+
+  def eval_outputs(self, params: PyTree, batch: Batch,
+                   step: Optional[jax.Array] = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The eval model's `(logits [B, 10, V], metrics)` on a batch."""
+    return self.eval_model.apply(
+        {"params": params}, batch[addition.TOKENS][:, :-1], train=False,
+        step=step)
+
+  def metrics_of_outputs(self, logits: jax.Array,
+                         model_metrics: Mapping[str, jax.Array],
+                         batch: Batch) -> dict[str, clu_metrics.Metric]:
+    """The eval metrics of `eval_outputs` on `batch` (module docstring)."""
     metrics = {name: clu_metrics.Average.from_model_output(value)
                for name, value in model_scalars(model_metrics).items()}
     mask = batch[data_lib.MASK_KEY]
-    for name, value in answer_scores(logits, tokens).items():
+    for name, value in answer_scores(
+        logits, batch[addition.TOKENS]).items():
       metrics[name] = clu_metrics.Average.from_model_output(value, mask=mask)
     return metrics

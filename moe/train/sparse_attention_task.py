@@ -300,10 +300,8 @@ class SparseAttentionTask(sequence_task.SequenceTask):
   def eval_metrics(self, params: PyTree, batch: Batch,
                    step: Optional[jax.Array] = None
                    ) -> dict[str, clu_metrics.Metric]:
-    metrics = super().eval_metrics(model_params(params), batch, step)
-    _, raw = self.eval_model.apply(
-        {"params": model_params(params)}, batch[addition.TOKENS][:, :-1],
-        train=False, step=step)
+    logits, raw = self.eval_outputs(model_params(params), batch, step)
+    metrics = self.metrics_of_outputs(logits, raw, batch)
     scalars = sequence_task.model_scalars(raw)
     extra = {"penalty": expected_edge_fraction(scalars),
              "multiplier": params[GECO][MULTIPLIER], **per_head_fractions(raw)}
