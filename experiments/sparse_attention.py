@@ -158,7 +158,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], bases, methods, seeds
   for method in methods:
     per_seed = []
     for seed in seeds:
-      found = [dict(r["best"], k=r["k"]) for r in runs
+      found = [dict(r["best"], k=math.nan if method == "gated" else r["k"])
+               for r in runs
                if r["method"] == method and r["seed"] == seed and r["best"]]
       best = min(found, key=lambda e: e["edge_fraction"], default=None)
       per_seed.append(best or {"edge_fraction": math.nan, "loss": math.nan,
