@@ -45,8 +45,9 @@ import numpy as np
 from moe import checkpoints
 from moe.data import addition
 from moe.train import metrics_writing
+from moe.nn import models
 from moe.train import sparse_attention_task as sat
-from moe.train import tasks
+from moe.train import task_parts
 
 import results_io
 import training_runs
@@ -128,10 +129,10 @@ def post_train(args, method: str, k: int, base: str, seed: int,
   config = run_config(args, method, k, base, seed)
   workdir = pathlib.Path(args.out) / f"{method}_k{k}_seed{seed}"
   result = training_runs.train(config, workdir=str(workdir))
-  task = tasks.create_task(config)
   history = evaluations(str(workdir))
-  best = sparsest_feasible(history, base_metrics, tolerance=task.tolerance,
-                           absolute_tolerance=task.absolute_tolerance)
+  best = sparsest_feasible(
+      history, base_metrics, tolerance=config.task.tolerance,
+      absolute_tolerance=config.task.absolute_tolerance)
   print(f"{method} k={k} seed {seed}: sparsest feasible {best}, "
         f"{result.wall_s:.0f} s", flush=True)
   return {"method": method, "k": k, "seed": seed, "workdir": str(workdir),
@@ -180,10 +181,12 @@ def summarize(runs: Sequence[Mapping[str, Any]], bases, methods, seeds
 
 def attention_maps(config, params) -> np.ndarray:
   """`[blocks, L, L]` attention weights for `PROMPT`, max over heads."""
-  task = tasks.create_task(config)
+  # The eval model alone: building the task would measure CE_base again.
+  model = models.build_model(task_parts.merged_model_config(
+      config.model, config.evaluation.get("model_overrides")))
   tokens = addition.encode(PROMPT)[None, :-1]
-  _, state = task.eval_model.apply({"params": sat.model_params(params)},
-                                   tokens, mutable="intermediates")
+  _, state = model.apply({"params": sat.model_params(params)}, tokens,
+                         mutable="intermediates")
   weights = jax.tree.leaves(state["intermediates"])
   return np.stack([np.asarray(w)[0].max(axis=0) for w in weights])
 
