@@ -30,10 +30,15 @@ match. Writes results.json, results.md, attention_edges.png (the attention
 weights for `36+28=` of the base and of each method's sparsest feasible
 model, seed of `--seed`: query x key per block, max over heads) and
 post_training.png (edge fraction and CE over post-training).
+
+Every finished run in --out is reused (its first wall time is kept in
+<workdir>/wall_s.json), so seeds can run as separate processes (`--seed S
+--seeds 1`, one per core) and be merged by one more call with all seeds.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pathlib
 import time
@@ -123,20 +128,32 @@ def sparsest_feasible(history: Sequence[Mapping[str, float]],
              default=None)
 
 
+def first_wall_s(workdir: pathlib.Path, wall_s: float) -> float:
+  """The seconds the run in `workdir` took when it first ran: `wall_s` is
+  recorded in <workdir>/wall_s.json the first time, and the recorded value
+  is returned when the run is reused (by a later call of the script, e.g.
+  one merging seeds that ran as separate processes)."""
+  record = workdir / "wall_s.json"
+  if not record.exists():
+    record.write_text(json.dumps({"wall_s": wall_s}))
+  return float(json.loads(record.read_text())["wall_s"])
+
+
 def post_train(args, method: str, k: int, base: str, seed: int,
                base_metrics: Mapping[str, float]) -> dict[str, Any]:
   """One post-training run: its history and sparsest feasible evaluation."""
   config = run_config(args, method, k, base, seed)
   workdir = pathlib.Path(args.out) / f"{method}_k{k}_seed{seed}"
   result = training_runs.train(config, workdir=str(workdir))
+  wall_s = first_wall_s(workdir, result.wall_s)
   history = evaluations(str(workdir))
   best = sparsest_feasible(
       history, base_metrics, tolerance=config.task.tolerance,
       absolute_tolerance=config.task.absolute_tolerance)
   print(f"{method} k={k} seed {seed}: sparsest feasible {best}, "
-        f"{result.wall_s:.0f} s", flush=True)
+        f"{wall_s:.0f} s", flush=True)
   return {"method": method, "k": k, "seed": seed, "workdir": str(workdir),
-          "history": history, "best": best, "wall_s": result.wall_s}
+          "history": history, "best": best, "wall_s": wall_s}
 
 
 def method_runs(args, method: str, base: str, seed: int,

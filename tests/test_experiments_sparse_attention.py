@@ -61,3 +61,13 @@ def test_tiny_run_writes_every_field(tmp_path):
     mean = cell["edge_fraction"]["mean"]
     assert mean is None or 0 < mean <= 1 or math.isnan(mean)
   assert "| sparse top-k mask |" in open(paths["results.md"]).read()
+  # A second call reuses every finished run: same histories, and the wall
+  # times of the first call (kept in each workdir), not the reload's.
+  again = experiments_testing.read_outputs(
+      script.main(["--out", str(tmp_path), "--config-arg", "runlocal",
+                   "--steps", "4", "--seeds", "1", "--methods", "gated",
+                   "sparse_topk", "--ks", "2", "1"]),
+      ["attention_edges.png", "post_training.png"])
+  for first, second in zip(runs, again["runs"], strict=True):
+    assert second["history"] == first["history"]
+    assert second["wall_s"] == first["wall_s"]

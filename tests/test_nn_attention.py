@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
+from moe import ops
 from moe.nn import attention
 import nn_test_util as util
 import topk_reference as ref
@@ -164,6 +165,28 @@ def test_sparse_topk_causal_query_blocks_match_per_row_solves():
           s[b, i, :i + 1], k, 0.3, 4 / 3)
       np.testing.assert_allclose(mask[b, i, :i + 1], expected, atol=1e-5)
       assert np.all(mask[b, i, i + 1:] == 0)
+
+
+def test_sparse_topk_causal_query_blocks_gradient_is_the_per_row_one():
+  # Thresholds solved per query block, the mask differentiated on full rows:
+  # the same vector-Jacobian product as `topk_mask` of each row's allowed
+  # keys, nothing to the disallowed ones; and check_grads.
+  length, k, l = 13, 2, 0.3
+  with x64():
+    s = jnp.asarray(util.normal(15, 2, length, length), jnp.float64)
+    cotangent = np.asarray(util.normal(16, 2, length, length))
+    support = lambda s: attention.sparse_topk_support(s, k, l, 4 / 3, True)
+    grad = np.asarray(jax.grad(lambda s: jnp.sum(
+        support(s) * cotangent))(s))
+    for b in range(s.shape[0]):
+      for i in range(length):
+        expected = np.zeros(i + 1) if i + 1 <= k else jax.grad(
+            lambda row: jnp.sum(ops.topk_mask(row, k, regularization=l,
+                                              p=4 / 3)
+                                * cotangent[b, i, :i + 1]))(s[b, i, :i + 1])
+        np.testing.assert_allclose(grad[b, i, :i + 1], expected, atol=1e-9)
+        assert np.all(grad[b, i, i + 1:] == 0)
+    check_grads(support, (s,), order=1, modes=("fwd", "rev"), eps=1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -13,6 +13,7 @@ import pytest
 
 from moe import ops
 from moe.ops import threshold
+from moe.ops import topk
 import topk_reference as ref
 
 P_VALUES = (4 / 3, 1.5, 2.0, 3.0)
@@ -237,6 +238,64 @@ def test_hard_operators():
   np.testing.assert_array_equal(grad, 2 * x * mask)  # Only through z², not the mask.
   mag = ops.hard_topk_magnitude(jnp.array([0.1, -4.0, 2.0, -2.0]), 2)
   np.testing.assert_array_equal(mag, [0.0, -4.0, 2.0, 0.0])
+
+
+def _mask_at_solved_threshold(z, where, k, l, p):
+  """topk_mask_at_threshold with τ solved over the entries in `where`
+  (the others moved below every selected one), as the attention does."""
+  low = jnp.min(z, axis=-1, keepdims=True) - 2 * l
+  tau = threshold.solve_threshold(jnp.where(where, z, low), k, l, p, False)
+  return topk.topk_mask_at_threshold(z, tau, k, regularization=l, p=p,
+                                     where=where)
+
+
+@pytest.mark.parametrize("p", (4 / 3, 2.0))
+def test_mask_at_threshold_is_topk_mask_of_the_entries_in_where(p):
+  with x64():
+    x = _rows(11, (4, 9))
+    where = np.random.default_rng(12).random((4, 9)) < 0.7
+    where[:, :4] = True  # at least k + 1 entries per row
+    x[~where] += 5.0  # the largest entries, which must not count
+    k, l = 3, 0.4
+    y = np.asarray(_mask_at_solved_threshold(jnp.asarray(x), where, k, l, p))
+    for row, keep in zip(range(4), where):
+      np.testing.assert_allclose(y[row, keep], ref.topk_mask(x[row, keep], k,
+                                                             l, p), atol=1e-9)
+      assert np.all(y[row, ~keep] == 0)
+    # Gradients: the implicit τ over the entries in `where` only; none to
+    # the others, and the operator's own derivative on full rows.
+    fn = lambda z: _mask_at_solved_threshold(z, where, k, l, p)
+    check_grads(fn, (jnp.asarray(x),), order=1, modes=("fwd", "rev"),
+                eps=1e-6)
+    cotangent = jnp.asarray(_rows(13, (4, 9)))
+    grad = jax.grad(lambda z: jnp.sum(fn(z) * cotangent))(jnp.asarray(x))
+    assert np.all(np.asarray(grad)[~where] == 0)
+    full = jnp.ones_like(jnp.asarray(where))
+    np.testing.assert_allclose(
+        jax.grad(lambda z: jnp.sum(_mask_at_solved_threshold(
+            z, full, k, l, p) * cotangent))(jnp.asarray(x)),
+        jax.grad(lambda z: jnp.sum(ops.topk_mask(
+            z, k, regularization=l, p=p) * cotangent))(jnp.asarray(x)),
+        atol=1e-9)
+
+
+def test_mask_at_threshold_rejects_a_tau_of_the_wrong_shape():
+  with pytest.raises(ValueError, match=r"tau must have shape \(2, 1\)"):
+    topk.topk_mask_at_threshold(jnp.ones((2, 5)), jnp.ones((2,)), 2)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_largest_counts_repeats(ties):
+  # The bracket's order statistic: distinct values take the fast path,
+  # repeats among the top k the counting one; both are np.sort's.
+  rng = np.random.default_rng(21)
+  for n in (2, 5, 13):
+    z = (rng.integers(-2, 3, size=(6, n)) if ties
+         else rng.normal(size=(6, n))).astype(np.float32)
+    for k in range(1, n):
+      np.testing.assert_array_equal(
+          np.asarray(threshold._kth_largest(jnp.asarray(z), k))[:, 0],
+          np.sort(z, axis=-1)[:, ::-1][:, k - 1])
 
 
 # ------------------------------------------------------------- properties ---

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.config import schema
+from moe.ops import threshold
 from moe.ops import topk
 
 Array = jax.Array
@@ -99,7 +100,8 @@ def allowed_keys_per_query(length: int, causal: bool) -> np.ndarray:
   return np.full((length, 1), length)
 
 
-def renormalised_softmax(s: Array, m: Array, allowed: Array) -> Array:
+def renormalised_softmax(s: Array, m: Array, allowed: Array,
+                         row_max: Array | None = None) -> Array:
   """w_ij = m_ij exp(s_ij - max) / Σ_j m_ij exp(s_ij - max) over allowed j.
 
   Args:
@@ -107,12 +109,16 @@ def renormalised_softmax(s: Array, m: Array, allowed: Array) -> Array:
     m: `[..., L, L]` non-negative support weights (a mask or gates), 0 off
       the allowed edges.
     allowed: `[L, L]` allowed edges; the max runs over them.
+    row_max: `[..., L, 1]` that max when the caller has it already (no
+      gradient flows through it); None: computed here.
 
   Returns:
     `[..., L, L]` weights, exactly 0 where m = 0; a row with Σ m = 0 is all
     0 (finite gradients).
   """
-  top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
+  top = row_max
+  if top is None:
+    top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
   # Off the allowed edges s may exceed the max: exp is kept finite there
   # (where m = 0 anyway). A `where`, not `minimum`, which would halve the
@@ -127,23 +133,9 @@ def dense_weights(s: Array, allowed: Array) -> Array:
   return jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(s.dtype).min))
 
 
-def _solve_rows(s: Array, allowed: Array, counts: np.ndarray, k: int,
-                regularization: float, p: float) -> Array:
-  """`topk_mask` of the rows of s `[..., Q, N]` over their allowed keys
-  (`counts` `[Q, 1]` of them)."""
-  # τ >= (k-th largest allowed entry) - λ >= (row min) - λ, so a fill of
-  # (row min) - 2λ is exactly 0 in the mask; unlike -inf or finfo.min it
-  # keeps the root-find's bracket and tolerance on the scale of the logits.
-  fill = jax.lax.stop_gradient(jnp.min(s, axis=-1, keepdims=True)
-                               - 2.0 * regularization)
-  mask = topk.topk_mask(jnp.where(allowed, s, fill), k,
-                        regularization=regularization, p=p)
-  # The mask is already exactly 0 off the allowed edges (the fill).
-  return jnp.where(counts <= k, allowed.astype(s.dtype), mask)
-
-
 def query_blocks(length: int, causal: bool, k: int) -> list[tuple[int, int]]:
-  """Query ranges [q0, q1) that `sparse_topk_support` solves separately.
+  """Query ranges [q0, q1) whose thresholds `sparse_topk_support` solves
+  separately.
 
   Causal queries below q1 see only the keys below q1, so a block solves over
   `[q1 - q0, q1]` instead of `[q1 - q0, L]`: with 4 blocks about 5/8 of the
@@ -157,38 +149,63 @@ def query_blocks(length: int, causal: bool, k: int) -> list[tuple[int, int]]:
 
 def sparse_topk_support(s: Array, k: int, regularization: float, p: float,
                         causal: bool) -> Array:
-  """The soft top-k mask of each row of s over its allowed keys.
+  """The soft top-k mask of each row of s over its allowed keys: the first
+  output of `sparse_topk_support_and_max`."""
+  return sparse_topk_support_and_max(s, k, regularization, p, causal)[0]
 
-  Disallowed entries are exactly 0 and carry no gradient: they are filled
-  below the threshold (see `_solve_rows`), and the operator's JVP is 0 off
-  its partial set.
+
+def sparse_topk_support_and_max(s: Array, k: int, regularization: float,
+                                p: float, causal: bool
+                                ) -> tuple[Array, Array]:
+  """The soft top-k mask of each row of s over its allowed keys, and the
+  row max over them (from the rows the solver reads anyway).
+
+  Causal thresholds are solved per block of queries over the keys the
+  block can see (`query_blocks`), disallowed entries filled with (min of
+  the first k logits of the row) - 2λ: the threshold is at least (k-th
+  largest allowed entry) - λ, which is at least the smallest of any k
+  allowed entries (the first k keys are allowed in every row with more
+  than k) - λ, so they are below it. Unlike -inf or finfo.min the fill
+  keeps the root-find's bracket and tolerance on the scale of the logits,
+  and unlike the row min it reads k columns, not L. The mask and its
+  gradient are then computed once on the full rows, within the allowed
+  edges (`moe.ops.topk.topk_mask_at_threshold`): exactly 0 off them, no
+  gradient.
 
   Args:
     s: `[..., L, L]` logits.
     k: keys per query; rows with at most k allowed keys keep them all.
     regularization: λ > 0.
     p: p > 1.
-    causal: only the keys j <= i are allowed; blocks of queries are then
-      solved over the keys they can see only (`query_blocks`).
+    causal: only the keys j <= i are allowed.
 
   Returns:
-    `[..., L, L]` mask in [0, 1], Σ_j = min(k, allowed keys of row i).
+    `[..., L, L]` mask in [0, 1], Σ_j = min(k, allowed keys of row i), and
+    `[..., L, 1]` the max of the allowed logits of each row (no gradient).
   """
   length = s.shape[-1]
   allowed = allowed_edges(length, causal)
+  solve = jax.lax.stop_gradient(s)
   if k >= length:
-    return jnp.broadcast_to(allowed, s.shape).astype(s.dtype)
-  counts = allowed_keys_per_query(length, causal)
-  parts = []
+    row_max = jnp.max(jnp.where(allowed, solve, -jnp.inf), axis=-1,
+                      keepdims=True)
+    return jnp.broadcast_to(allowed, s.shape).astype(s.dtype), row_max
+  fill = jnp.min(solve[..., :k], axis=-1, keepdims=True) - 2.0 * regularization
+  taus, maxes = [], []
   for q0, q1 in query_blocks(length, causal, k):
-    if q1 <= k:
-      mask = jnp.broadcast_to(allowed[q0:q1, :q1], s[..., q0:q1, :q1].shape)
-      mask = mask.astype(s.dtype)
-    else:
-      mask = _solve_rows(s[..., q0:q1, :q1], allowed[q0:q1, :q1],
-                         counts[q0:q1], k, regularization, p)
-    parts.append(jnp.pad(mask, [(0, 0)] * (s.ndim - 1) + [(0, length - q1)]))
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
+    rows = solve[..., q0:q1, :q1]
+    if causal:
+      rows = jnp.where(allowed[q0:q1, :q1], rows, fill[..., q0:q1, :])
+    maxes.append(jnp.max(rows, axis=-1, keepdims=True))
+    # With q1 <= k every row keeps all its keys (below): τ is not used.
+    taus.append(maxes[-1] if q1 <= k else threshold.solve_threshold(
+        rows, k, regularization, p, magnitude=False))
+  tau, row_max = (t[0] if len(t) == 1 else jnp.concatenate(t, axis=-2)
+                  for t in (taus, maxes))
+  mask = topk.topk_mask_at_threshold(s, tau, k, regularization=regularization,
+                                     p=p, where=allowed if causal else None)
+  counts = allowed_keys_per_query(length, causal)
+  return jnp.where(counts <= k, allowed.astype(s.dtype), mask), row_max
 
 
 def hard_topk_support(s: Array, k: int, causal: bool) -> Array:
@@ -333,9 +350,9 @@ class SelfAttention(nn.Module):
       return dense_weights(s, allowed), None
     k = self.keys_per_query
     if self.sparsity == "sparse_topk":
-      mask = sparse_topk_support(s, k, self.regularization, self.p,
-                                 self.causal)
-      return renormalised_softmax(s, mask, allowed), None
+      mask, row_max = sparse_topk_support_and_max(
+          s, k, self.regularization, self.p, self.causal)
+      return renormalised_softmax(s, mask, allowed, row_max), None
     hard = renormalised_softmax(
         s, hard_topk_support(s, k, self.causal), allowed)
     dense = renormalised_softmax(s, allowed.astype(s.dtype), allowed)

@@ -193,20 +193,41 @@ def _segment_step(st: _Stats, c0, c1, p: float):
   return jnp.where(has, delta, jnp.nan)
 
 
-def _kth_largest(z, k: int):
-  """The k-th largest entry along the last axis, counting repeats.
+def _max_below(z, value):
+  """The largest entry of each row below `value` [..., 1] (-inf if none)."""
+  return jnp.max(jnp.where(z < value, z, -jnp.inf), axis=-1, keepdims=True)
 
-  k passes of (max below the last value, count of it): cheaper than
-  `lax.top_k` or argmax for the small k this is used for.
-  """
+
+def _kth_largest_counting_repeats(z, k: int):
+  """The k-th largest entry along the last axis, counting repeats: k passes
+  of (max below the last value, count of it)."""
   value = jnp.max(z, axis=-1, keepdims=True)
   seen = jnp.sum((z == value).astype(z.dtype), axis=-1, keepdims=True)
   for _ in range(k - 1):
-    below = jnp.max(jnp.where(z < value, z, -jnp.inf), axis=-1, keepdims=True)
+    below = _max_below(z, value)
     count = jnp.sum((z == below).astype(z.dtype), axis=-1, keepdims=True)
     value = jnp.where(seen >= k, value, below)
     seen = jnp.where(seen >= k, seen, seen + count)
   return value
+
+
+def _kth_largest(z, k: int):
+  """The k-th largest entry along the last axis, counting repeats.
+
+  k - 1 passes of "max below the last value" give the k-th largest distinct
+  value v (or the row min); it is the k-th largest counting repeats unless
+  k or more entries exceed it, which one count tells. Only then (repeats
+  among the top k of some row) does `_kth_largest_counting_repeats` run.
+  Cheaper than `lax.top_k` or argmax for the small k this is used for.
+  """
+  value = jnp.max(z, axis=-1, keepdims=True)
+  for _ in range(k - 1):
+    below = _max_below(z, value)
+    value = jnp.where(below > -jnp.inf, below, value)
+  above = jnp.sum((z > value).astype(z.dtype), axis=-1, keepdims=True)
+  return jax.lax.cond(jnp.any(above >= k),
+                      lambda: _kth_largest_counting_repeats(z, k),
+                      lambda: value)
 
 
 def _initial_bracket(z, k: int, regularization: float, magnitude: bool):

@@ -64,10 +64,15 @@ def along_last_axis(fn, x, axis: int):
   return jnp.moveaxis(fn(moved), -1, axis).astype(x.dtype)
 
 
-def _partial_set(z, t, regularization: float, p: float, magnitude: bool):
+def _partial_set(z, t, regularization: float, p: float, magnitude: bool,
+                 where=None):
+  """(z - t, the capped set, the partial set), both within `where`."""
   d = z - t
   capped = d >= threshold_lib.cap_width(t, regularization, p, magnitude)
-  return d, capped, (d > 0) & ~capped
+  partial = (d > 0) & ~capped
+  if where is None:
+    return d, capped, partial
+  return d, capped & where, partial & where
 
 
 def _partial_power(d, partial, regularization: float, power: float):
@@ -81,29 +86,94 @@ def _threshold(z, k, regularization, p, magnitude):
       jax.lax.stop_gradient(z), k, regularization, p, magnitude)
 
 
-@_threshold.defjvp
-def _threshold_jvp(k, regularization, p, magnitude, primals, tangents):
-  (z,), (dz,) = primals, tangents
-  t = _threshold(z, k, regularization, p, magnitude)
+def _implicit_tangent(z, t, dz, k, regularization, p, magnitude, where=None):
+  """dt of the root t of F(t) = k when z moves by dz (implicit function)."""
   r = threshold_lib.exponent(p)
-  d, capped, partial = _partial_set(z, t, regularization, p, magnitude)
+  d, capped, partial = _partial_set(z, t, regularization, p, magnitude, where)
   g = (r / regularization) * _partial_power(d, partial, regularization, r - 1.0)
   denom = jnp.sum(g, axis=-1, keepdims=True)
   if magnitude:
     num_capped = jnp.sum(capped.astype(z.dtype), axis=-1, keepdims=True)
     denom = denom + (k - num_capped)
   dt = jnp.sum(g * dz, axis=-1, keepdims=True) / jnp.where(denom > 0, denom, 1.0)
-  return t, jnp.where(denom > 0, dt, 0.0)
+  return jnp.where(denom > 0, dt, 0.0)
+
+
+@_threshold.defjvp
+def _threshold_jvp(k, regularization, p, magnitude, primals, tangents):
+  (z,), (dz,) = primals, tangents
+  t = _threshold(z, k, regularization, p, magnitude)
+  return t, _implicit_tangent(z, t, dz, k, regularization, p, magnitude)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _solved_threshold(z, tau, where, k, regularization, p):
+  """τ, a root of the mask equation for z (entries in `where`) solved
+  elsewhere, with the implicit-function tangent in z (τ's own tangent is
+  ignored)."""
+  del z, where, k, regularization, p
+  return tau
+
+
+@_solved_threshold.defjvp
+def _solved_threshold_jvp(k, regularization, p, primals, tangents):
+  (z, tau, where), (dz, _, _) = primals, tangents
+  return tau, _implicit_tangent(z, tau, dz, k, regularization, p, False,
+                                where)
+
+
+def _mask_at(z, tau, regularization, p, where=None):
+  """clip(((z - τ) / l)_+^r, 0, 1) within `where` (0 elsewhere), NaN on rows
+  where τ is NaN."""
+  r = threshold_lib.exponent(p)
+  d, capped, partial = _partial_set(z, tau, regularization, p, False, where)
+  y = jnp.where(capped, 1.0, _partial_power(d, partial, regularization, r))
+  return jnp.where(jnp.isnan(tau), jnp.nan, y)
 
 
 def _mask_last_axis(z, k, regularization, p):
   if k == z.shape[-1]:
     return jnp.ones_like(z)
-  tau = _threshold(z, k, regularization, p, False)
-  r = threshold_lib.exponent(p)
-  d, capped, partial = _partial_set(z, tau, regularization, p, False)
-  y = jnp.where(capped, 1.0, _partial_power(d, partial, regularization, r))
-  return jnp.where(jnp.isnan(tau), jnp.nan, y)
+  return _mask_at(z, _threshold(z, k, regularization, p, False),
+                  regularization, p)
+
+
+def topk_mask_at_threshold(z, tau, k, *, regularization=0.1, p=4 / 3,
+                           where=None):
+  """`topk_mask` along the last axis with its threshold τ solved elsewhere.
+
+  For callers that solve τ on less data than the rows they mask, e.g. a
+  causal attention solving each query over the keys it can see
+  (`moe.nn.attention`): the mask of z at τ, differentiable in z as
+  `topk_mask` is (τ's tangent comes from the implicit function theorem on
+  the entries of z in `where`; `tau` itself carries no gradient).
+
+  Args:
+    z: [..., N] float32 or float64 rows.
+    tau: [..., 1] a root of Σ_{i in where} clip(((z_i - τ)/l)_+^r, 0, 1) = k
+      for each row (`moe.ops.threshold.solve_threshold` of those entries, or
+      of a part of them outside which every entry is below τ); NaN rows
+      give NaN.
+    k: the k τ was solved for, 1 <= k < N.
+    regularization: l > 0, as for τ.
+    p: p > 1, as for τ.
+    where: boolean, broadcastable to z: the entries that take part (None:
+      all); the others are 0 in the mask and get no gradient, whatever
+      their value.
+
+  Returns:
+    [..., N] the mask, in [0, 1], exactly 0 where z <= τ or outside `where`.
+
+  Raises:
+    ValueError: tau's shape is not z's with a last axis of 1.
+  """
+  if tau.shape != z.shape[:-1] + (1,):
+    raise ValueError(f"tau must have shape {z.shape[:-1] + (1,)} (z's rows), "
+                     f"got {tau.shape}")
+  where = jnp.ones((), bool) if where is None else jnp.asarray(where, bool)
+  tau = _solved_threshold(z, jax.lax.stop_gradient(tau), where, k,
+                          regularization, p)
+  return _mask_at(z, tau, regularization, p, where)
 
 
 def _magnitude_last_axis(z, k, regularization, p):
